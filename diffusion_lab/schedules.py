@@ -1,0 +1,109 @@
+"""Noise schedules: betas and every quantity derived from them (DDPM, Ho et al. 2020).
+
+Committed schedules are never changed in place: add a new one instead, so old runs stay comparable.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from .registry import SCHEDULES
+
+
+def extract(values: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """values[t] shaped [B, 1, ..., 1] to broadcast against x, in x's dtype and device."""
+    out = values.to(x.device)[t.to(x.device)]
+    return out.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+
+class NoiseSchedule:
+    """All per-timestep constants of a discrete-time variance-preserving diffusion.
+
+    Computed in float64 from ``betas`` and stored as float32. Index t runs over 0..T-1.
+    """
+
+    def __init__(self, betas: torch.Tensor):
+        betas = betas.to(torch.float64)
+        if betas.dim() != 1 or not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError("betas must be a 1-D tensor with values in (0, 1)")
+        alphas = 1.0 - betas
+        alphas_cumprod = torch.cumprod(alphas, dim=0)
+        alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+        # q(x_{t-1} | x_t, x0) = N(coef1 * x0 + coef2 * x_t, posterior_variance)   (DDPM eq. 6-7)
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        f64 = {
+            "betas": betas,
+            "alphas": alphas,
+            "alphas_cumprod": alphas_cumprod,
+            "alphas_cumprod_prev": alphas_cumprod_prev,
+            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+            "posterior_variance": posterior_variance,
+            # posterior_variance[0] is 0; log uses the t=1 value there (as in improved-diffusion)
+            "posterior_log_variance_clipped": torch.log(
+                torch.cat([posterior_variance[1:2], posterior_variance[1:]])
+            ),
+            "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
+            # SNR(t) = alpha_bar_t / (1 - alpha_bar_t)
+            "snr": alphas_cumprod / (1.0 - alphas_cumprod),
+        }
+        for name, value in f64.items():
+            setattr(self, name, value.to(torch.float32))
+        self.num_timesteps = int(betas.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.betas.device
+
+    def to(self, device) -> "NoiseSchedule":
+        """Move every constant to ``device`` (in place) and return self."""
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+        return self
+
+    def add_noise(
+        self,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        noise: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Sample q(x_t | x0): x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps. Returns (x_t, eps)."""
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x_t = extract(self.sqrt_alphas_cumprod, t, x0) * x0 + extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        return x_t, noise
+
+    def sample_timesteps(self, batch_size: int, device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """t ~ Uniform{0, ..., T-1}."""
+        return torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=device)
+
+
+def linear_betas(noise_steps: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    """DDPM's linear schedule: torch.linspace(beta_start, beta_end, T), in float64."""
+    return torch.linspace(beta_start, beta_end, noise_steps, dtype=torch.float64)
+
+
+def cosine_betas(noise_steps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """Nichol & Dhariwal 2021, eq. 17: alpha_bar(t) = f(t)/f(0), f(t) = cos^2(((t/T)+s)/(1+s) * pi/2).
+
+    beta_t = 1 - alpha_bar(t+1)/alpha_bar(t), clipped at max_beta to avoid a singularity at t = T.
+    """
+    steps = torch.arange(noise_steps + 1, dtype=torch.float64) / noise_steps
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    alpha_bar = f / f[0]
+    return (1.0 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)
+
+
+@SCHEDULES.register("linear")
+def linear(noise_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseSchedule:
+    return NoiseSchedule(linear_betas(noise_steps, beta_start, beta_end))
+
+
+@SCHEDULES.register("cosine")
+def cosine(noise_steps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> NoiseSchedule:
+    return NoiseSchedule(cosine_betas(noise_steps, s, max_beta))
