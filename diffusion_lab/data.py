@@ -1,0 +1,406 @@
+"""Datasets (images as float [C,H,W] in [-1, 1]), an exactly resumable batch stream, and image helpers.
+
+Every dataset builder is registered in ``DATASETS`` and returns an ``ImageDataset``: a
+``torch.utils.data.Dataset`` whose items are image tensors only (no labels) and which carries
+``.name``, ``.channels``, ``.image_size`` and ``.hflip`` (whether random horizontal flips make sense).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import socket
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from .registry import DATASETS
+
+PathLike = Union[str, os.PathLike]
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_FOLDER = "cifar-10-batches-py"
+DATA_ENV_VAR = "DIFFUSION_LAB_DATA"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+_DOWNLOAD_SOCKET_TIMEOUT_S = 30.0
+
+
+class DatasetNotFoundError(RuntimeError):
+    """The dataset's files are missing (or unreadable) and could not be fetched; the message is one line."""
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+# --------------------------------------------------------------------------------------------------
+# Dataset classes
+
+
+class ImageDataset(Dataset):
+    """Base class: items are image tensors [C,H,W] in [-1, 1]."""
+
+    def __init__(self, name: str, channels: int, image_size: int, hflip: bool):
+        self.name = name
+        self.channels = int(channels)
+        self.image_size = int(image_size)
+        self.hflip = bool(hflip)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name={self.name!r}, n={len(self)}, channels={self.channels}, "
+            f"image_size={self.image_size}, hflip={self.hflip})"
+        )
+
+
+class TensorImageDataset(ImageDataset):
+    """All images held in memory as one float tensor ``images`` [N,C,H,W] (ResumableLoader fast path)."""
+
+    def __init__(self, images: torch.Tensor, name: str, hflip: bool):
+        if images.dim() != 4 or images.shape[-1] != images.shape[-2]:
+            raise ValueError(f"images must be [N,C,S,S], got {tuple(images.shape)}")
+        super().__init__(name, images.shape[1], images.shape[-1], hflip)
+        self.images = images.contiguous()
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+
+class TransformImageDataset(ImageDataset):
+    """Wraps a dataset whose items are ``image`` or ``(image, label, ...)``; keeps only the image."""
+
+    def __init__(self, base: Dataset, name: str, channels: int, image_size: int, hflip: bool):
+        super().__init__(name, channels, image_size, hflip)
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        item = self.base[index]
+        return item[0] if isinstance(item, (tuple, list)) else item
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, files: Sequence[Path], mode: str, transform: Any):
+        self.files = list(files)
+        self.mode = mode
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from PIL import Image
+
+        with Image.open(self.files[index]) as im:
+            im = im.convert(self.mode)
+        return self.transform(im)
+
+
+def _to_minus_one_one(channels: int) -> List[Any]:
+    from torchvision import transforms as T
+
+    return [T.ToTensor(), T.Normalize((0.5,) * channels, (0.5,) * channels)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Builders
+
+
+def build_dataset(name: str, **params: Any) -> ImageDataset:
+    """``DATASETS.build(name, **params)``."""
+    return DATASETS.build(name, **params)
+
+
+@DATASETS.register("digits")
+def digits(image_size: int = 8) -> TensorImageDataset:
+    """scikit-learn's 1797 8x8 handwritten digits (no download), 1 channel, optionally resized (bilinear)."""
+    from sklearn.datasets import load_digits
+
+    raw = load_digits().images  # float64 [1797, 8, 8], values 0..16
+    x = torch.from_numpy(raw).float().unsqueeze(1) / 8.0 - 1.0
+    if image_size != 8:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+        x = x.clamp_(-1.0, 1.0)
+    return TensorImageDataset(x, name="digits", hflip=False)
+
+
+def default_cifar10_root() -> str:
+    """$DIFFUSION_LAB_DATA if set, else ~/.cache/diffusion_lab/cifar10."""
+    env = os.environ.get(DATA_ENV_VAR)
+    return os.path.expanduser(env) if env else os.path.expanduser("~/.cache/diffusion_lab/cifar10")
+
+
+def _cifar10_missing(root: str, why: str) -> DatasetNotFoundError:
+    return DatasetNotFoundError(
+        _one_line(
+            f"CIFAR-10 not found at {root} ({why}): put the extracted '{CIFAR10_FOLDER}' folder "
+            f"(data_batch_1..5, test_batch, batches.meta) in {root}, e.g. download {CIFAR10_URL} "
+            f"and run 'tar -xzf cifar-10-python.tar.gz -C {root}' (or set data.root / ${DATA_ENV_VAR})"
+        )
+    )
+
+
+@DATASETS.register("cifar10")
+def cifar10(
+    image_size: int = 32,
+    root: Optional[str] = None,
+    download: bool = True,
+    train: bool = True,
+    verify_checksums: bool = True,
+) -> TransformImageDataset:
+    """CIFAR-10 (50k train images by default) through torchvision's loader, RGB, hflip True.
+
+    ``verify_checksums=False`` loads through the very same torchvision code but with the per-file md5
+    values set to None (torchvision's ``check_integrity`` then only checks that the files exist): for
+    tiny CIFAR-format test fixtures or re-packed copies. The download is only attempted when the
+    ``cifar-10-batches-py`` folder does not exist; network errors become ``DatasetNotFoundError``.
+    """
+    from torchvision import transforms as T
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    root = os.path.abspath(os.path.expanduser(root)) if root else os.path.abspath(default_cifar10_root())
+    folder = os.path.join(root, CIFAR10_FOLDER)
+    if not os.path.isdir(folder):
+        if not download:
+            raise _cifar10_missing(root, f"no {CIFAR10_FOLDER} folder and download=False")
+        previous_timeout = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(_DOWNLOAD_SOCKET_TIMEOUT_S)
+        try:
+            download_and_extract_archive(CIFAR10.url, root, filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+        except Exception as err:  # URLError, socket timeout, OSError, RuntimeError (bad md5), tarfile errors
+            raise _cifar10_missing(root, f"download failed: {type(err).__name__}: {err}") from err
+        finally:
+            socket.setdefaulttimeout(previous_timeout)
+
+    cls = CIFAR10 if verify_checksums else _cifar10_without_checksums()
+    tfs = ([T.Resize(image_size, antialias=True)] if image_size != 32 else []) + _to_minus_one_one(3)
+    try:
+        base = cls(root, train=train, transform=T.Compose(tfs), download=False)
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError) as err:
+        raise _cifar10_missing(root, f"files missing or corrupted: {type(err).__name__}: {err}") from err
+    return TransformImageDataset(base, name="cifar10", channels=3, image_size=image_size, hflip=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _cifar10_without_checksums() -> type:
+    """torchvision's CIFAR10 with every md5 set to None (built lazily: torchvision is slow to import)."""
+    from torchvision.datasets import CIFAR10
+
+    class CIFAR10WithoutChecksums(CIFAR10):
+        """Same loading code; torchvision's ``check_integrity(path, None)`` only checks the file exists."""
+
+        train_list = [[name, None] for name, _ in CIFAR10.train_list]
+        test_list = [[name, None] for name, _ in CIFAR10.test_list]
+        meta = {**CIFAR10.meta, "md5": None}
+
+    return CIFAR10WithoutChecksums
+
+
+@DATASETS.register("folder")
+def folder(root: str, image_size: int = 64, channels: int = 3) -> TransformImageDataset:
+    """Every png/jpg/jpeg/bmp/webp under ``root`` (recursive, sorted), shorter side resized then center-cropped."""
+    from torchvision import transforms as T
+
+    if channels not in (1, 3):
+        raise ValueError(f"folder dataset: channels must be 1 (L) or 3 (RGB), got {channels}")
+    path = Path(os.path.expanduser(str(root))).resolve()
+    if not path.is_dir():
+        raise DatasetNotFoundError(f"image folder not found: {path} (set data.root to a folder of images)")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise DatasetNotFoundError(
+            f"no images ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}) found under {path}"
+        )
+    tf = T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size)] + _to_minus_one_one(channels))
+    base = _ImageFiles(files, "RGB" if channels == 3 else "L", tf)
+    return TransformImageDataset(base, name=f"folder:{path.name}", channels=channels, image_size=image_size, hflip=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Exactly resumable loader
+
+
+def _derived_seed(*values: int) -> int:
+    """A well-mixed 64-bit seed from a tuple of ints (stable across runs and platforms)."""
+    entropy = [int(v) % (1 << 64) for v in values]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
+
+
+_PERM_STREAM, _FLIP_STREAM = 0, 1
+
+
+class _PositionedBatchSampler:
+    """Endless batches of indices from (epoch, index) on; the same permutations as ResumableLoader."""
+
+    def __init__(self, loader: "ResumableLoader", epoch: int, index: int):
+        self.loader, self.epoch, self.index = loader, epoch, index
+
+    def __iter__(self) -> Iterator[List[int]]:
+        epoch, index, bs = self.epoch, self.index, self.loader.batch_size
+        while True:
+            perm = self.loader.permutation(epoch)
+            for i in range(index, self.loader.steps_per_epoch):
+                yield perm[i * bs : (i + 1) * bs].tolist()
+            epoch, index = epoch + 1, 0
+
+
+def _collate_images(batch: List[Any]) -> torch.Tensor:
+    items = [b[0] if isinstance(b, (tuple, list)) else b for b in batch]
+    return torch.stack(items)
+
+
+class ResumableLoader:
+    """Endless stream of batches [B,C,H,W] on ``device`` that resumes bit-identically.
+
+    Epoch ``e`` is ``torch.randperm`` drawn from a generator seeded with (seed, e); the last
+    incomplete batch is dropped. With ``hflip`` each image of batch ``i`` of epoch ``e`` is flipped
+    with probability 1/2 by a generator seeded with (seed, e, i). ``state_dict()`` is the position of
+    the next batch; ``load_state_dict`` jumps there. Datasets with an in-memory ``images`` tensor
+    are indexed directly; any other dataset goes through a DataLoader (``num_workers`` processes).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        seed: int,
+        hflip: bool = False,
+        num_workers: int = 0,
+        device: Union[str, torch.device] = "cpu",
+    ):
+        n = len(dataset)  # type: ignore[arg-type]
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if n < batch_size:
+            raise ValueError(
+                f"dataset {getattr(dataset, 'name', type(dataset).__name__)} has {n} images, "
+                f"fewer than batch_size={batch_size} (batches drop the incomplete last one)"
+            )
+        self.dataset = dataset
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.hflip = bool(hflip)
+        self.num_workers = int(num_workers)
+        self.device = torch.device(device)
+        self.num_items = n
+        self.steps_per_epoch = n // self.batch_size
+        self.epoch = 0
+        self.index = 0
+        images = getattr(dataset, "images", None)
+        self._images = images.to(self.device) if isinstance(images, torch.Tensor) else None
+        self._iterator: Optional[Iterator[torch.Tensor]] = None
+
+    # position ---------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        epoch, index = int(state["epoch"]), int(state["index"])
+        if epoch < 0 or index < 0:
+            raise ValueError(f"invalid loader state {dict(state)}")
+        epoch, index = epoch + index // self.steps_per_epoch, index % self.steps_per_epoch
+        self.epoch, self.index = epoch, index
+        self._iterator = None  # a DataLoader iterator restarts from the new position
+
+    @property
+    def epoch_fraction(self) -> float:
+        """Epochs consumed so far, e.g. 2.25 = a quarter into the third epoch."""
+        return self.epoch + self.index / self.steps_per_epoch
+
+    # randomness -------------------------------------------------------------------------------
+    def permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(_derived_seed(self.seed, epoch, _PERM_STREAM))
+        return torch.randperm(self.num_items, generator=g)
+
+    def flip_mask(self, epoch: int, index: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(_derived_seed(self.seed, epoch, index, _FLIP_STREAM))
+        return torch.rand(self.batch_size, generator=g) < 0.5
+
+    # iteration --------------------------------------------------------------------------------
+    def __iter__(self) -> "ResumableLoader":
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        epoch, index = self.epoch, self.index
+        if self._images is not None:
+            bs = self.batch_size
+            idx = self.permutation(epoch)[index * bs : (index + 1) * bs].to(self._images.device)
+            x = self._images[idx]
+        else:
+            if self._iterator is None:
+                self._iterator = self._start_dataloader(epoch, index)
+            x = next(self._iterator).to(self.device, non_blocking=True)
+        if self.hflip:
+            mask = self.flip_mask(epoch, index).to(x.device).view(-1, *([1] * (x.dim() - 1)))
+            x = torch.where(mask, x.flip(-1), x)
+        self.index += 1
+        if self.index == self.steps_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        return x
+
+    def _start_dataloader(self, epoch: int, index: int) -> Iterator[torch.Tensor]:
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=_PositionedBatchSampler(self, epoch, index),  # type: ignore[arg-type]
+            num_workers=self.num_workers,
+            collate_fn=_collate_images,
+            pin_memory=self.device.type == "cuda",
+        )
+        return iter(loader)
+
+
+# --------------------------------------------------------------------------------------------------
+# Image helpers
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[-1,1] floats [N,C,H,W] (or [C,H,W]) -> uint8 numpy [N,H,W,C] (or [H,W,C]); -1 -> 0, 1 -> 255."""
+    x = images.detach().float().cpu().clamp(-1.0, 1.0)
+    x = ((x + 1.0) * 127.5).round().to(torch.uint8)
+    x = x.permute(0, 2, 3, 1) if x.dim() == 4 else x.permute(1, 2, 0)
+    return x.contiguous().numpy()
+
+
+def save_grid(
+    images: torch.Tensor,
+    path: PathLike,
+    nrow: Optional[int] = None,
+    scale: Optional[int] = None,
+    padding: int = 2,
+    min_width: int = 256,
+) -> Path:
+    """Write [-1,1] images [N,C,H,W] as a PNG grid (``nrow`` per row, default ceil(sqrt(N))).
+
+    Each image is upscaled by the integer ``scale`` (nearest); by default the smallest factor that
+    makes the grid at least ``min_width`` pixels wide. Returns the path written.
+    """
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    x = images.detach().float().cpu()
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    n, _, h, w = x.shape
+    nrow = int(nrow) if nrow else max(1, math.ceil(math.sqrt(n)))
+    if scale is None:
+        scale = max(1, math.ceil(min_width / (min(nrow, n) * w)))
+    if scale != 1:
+        x = F.interpolate(x, scale_factor=int(scale), mode="nearest")
+    grid = make_grid(x.clamp(-1.0, 1.0), nrow=nrow, padding=padding, pad_value=-1.0)
+    array = to_uint8(grid)
+    if array.shape[-1] == 1:
+        array = array[..., 0]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
