@@ -1,0 +1,538 @@
+"""FID through clean-fid's own code path (Parmar et al. 2022, https://github.com/GaParmar/clean-fid).
+
+Images in [-1, 1] are quantised to integer values in [0, 255] (like saved PNGs; grayscale is repeated
+to 3 channels) and handed to ``cleanfid.fid.get_model_features`` -- clean-fid's generator path, which
+resizes each image with the ``mode``'s resizer (``clean``: PIL bicubic to 299x299 in float) and runs
+the feature extractor batch by batch. Statistics are ``np.mean``/``np.cov`` over the features (as in
+clean-fid) and the score is ``cleanfid.fid.frechet_distance``.
+
+Feature extractors:
+  inception  clean-fid's Inception (``build_feature_extractor``); its weights are downloaded on first use.
+  small      a fixed-seed, randomly initialised conv net that needs no download. Its FIDs are only
+             comparable with other "small" FIDs; every result carries the extractor's name.
+
+Reference statistics: clean-fid's precomputed ones where they exist (cifar10 at 32px, train split,
+inception only); otherwise computed from the dataset's images and cached as an .npz in ``cache_dir``.
+
+Offline: clean-fid downloads with ``urllib`` and no timeout. Files already in place are used without
+any network access; a missing file is downloaded only if ``download`` is true, under a socket
+timeout, and a failure is reported once, naming the file and where to put it.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import platform
+import re
+import socket
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Optional, Tuple, Union
+
+import cleanfid
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from cleanfid import fid as cfid
+from cleanfid.downloads_helper import inception_url as INCEPTION_TORCHSCRIPT_URL
+from cleanfid.features import build_feature_extractor, get_reference_statistics
+from cleanfid.inception_pytorch import FID_WEIGHTS_URL as INCEPTION_PYTORCH_URL
+
+log = logging.getLogger(__name__)
+
+MODES = ("clean", "legacy_pytorch", "legacy_tensorflow")
+EXTRACTORS = ("inception", "small")
+FALLBACKS = ("small", "none")
+# clean-fid's precomputed reference statistics that we use: (dataset name, resolution) -> split
+PRECOMPUTED = {("cifar10", 32): "train"}
+CLEANFID_STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats"
+
+Images = Union[torch.Tensor, torch.utils.data.Dataset, Iterable]
+
+_warned: set = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        log.warning(msg)
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float):
+    """Bound clean-fid's urllib downloads (it passes no timeout of its own)."""
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+# ---------------------------------------------------------------------------------------------
+# where clean-fid keeps its files
+# ---------------------------------------------------------------------------------------------
+
+
+def inception_weights(mode: str) -> Tuple[str, str]:
+    """(local path, URL) of the Inception weights clean-fid loads for ``mode``.
+
+    clean / legacy_tensorflow: the TorchScript model, which clean-fid keeps in /tmp ("./" on Windows).
+    legacy_pytorch: pytorch-fid's weights, in torch.hub's checkpoint dir ($TORCH_HOME/hub/checkpoints).
+    """
+    if mode == "legacy_pytorch":
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(INCEPTION_PYTORCH_URL))
+        return path, INCEPTION_PYTORCH_URL
+    folder = "./" if platform.system() == "Windows" else "/tmp"
+    return os.path.join(folder, "inception-2015-12-05.pt"), INCEPTION_TORCHSCRIPT_URL
+
+
+def precomputed_stats(name: str, res: int, mode: str, split: str) -> Tuple[str, str]:
+    """(local path, URL) of a clean-fid precomputed statistics file (same naming as clean-fid).
+
+    clean-fid keeps them in ``<cleanfid package dir>/stats``; it has no setting to move that folder.
+    """
+    fname = f"{name}_{mode}_{split}_{res}.npz".lower()
+    folder = os.path.join(os.path.dirname(cleanfid.__file__), "stats")
+    return os.path.join(folder, fname), f"{CLEANFID_STATS_URL}/{fname}"
+
+
+def default_cache_dir() -> str:
+    """$DIFFUSION_LAB_CACHE/fid_stats, else ~/.cache/diffusion_lab/fid_stats."""
+    root = os.environ.get("DIFFUSION_LAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "diffusion_lab")
+    return os.path.join(root, "fid_stats")
+
+
+def stats_path(cache_dir: str, name: str, res: int, mode: str, extractor_id: str, num_images: int, fingerprint: str) -> str:
+    """Cache file of custom reference statistics, e.g. ``digits_8px_clean_small-v1_n1797_1a2b3c4d.npz``.
+
+    fingerprint: see ``fingerprint()``; it keeps two different image sets of the same name and size apart.
+    """
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+    return os.path.join(cache_dir, f"{safe}_{res}px_{mode}_{extractor_id}_n{num_images}_{fingerprint}.npz")
+
+
+# ---------------------------------------------------------------------------------------------
+# feature extractors
+# ---------------------------------------------------------------------------------------------
+
+
+class SmallFeatureExtractor(nn.Module):
+    """A fixed-seed, randomly initialised conv net: [B, 3, H, W] in [0, 255] -> [B, 128] features.
+
+    Needs no download and is deterministic, so the FID machinery runs offline. It is NOT Inception:
+    its FIDs are only comparable with other FIDs from this same extractor (``VERSION`` is part of the
+    cache key; bump it when changing anything here).
+    """
+
+    VERSION = 1
+    SEED, WIDTH, POOL = 0, 16, 32
+
+    def __init__(self):
+        super().__init__()
+        w = self.WIDTH
+        self.convs = nn.ModuleList(
+            [nn.Conv2d(3, w, 3, padding=1), nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1)]
+        )
+        gen = torch.Generator().manual_seed(self.SEED)  # leaves the global RNG alone
+        with torch.no_grad():
+            for conv in self.convs:
+                fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
+                conv.bias.zero_()
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(x.float(), self.POOL) / 127.5 - 1.0  # 299x299 (clean) -> 32x32, [-1, 1]
+        for conv in self.convs:
+            x = F.relu(conv(x))
+        return F.adaptive_avg_pool2d(x, 2).flatten(1)  # 2*WIDTH channels x 2x2
+
+
+# ---------------------------------------------------------------------------------------------
+# images
+# ---------------------------------------------------------------------------------------------
+
+
+def to_cleanfid_range(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images [B, C, H, W] (C = 1 or 3, any device) -> CPU float32 [B, 3, H, W] holding
+    integers in [0, 255], i.e. what a saved uint8 image holds; the range clean-fid's generator path expects."""
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"expected images [B, 1 or 3, H, W], got shape {tuple(x.shape)}")
+    x = x.detach().to("cpu", torch.float32)
+    x = ((x.clamp(-1.0, 1.0) + 1.0) * 127.5).round()
+    return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x
+
+
+def _first(item):
+    """The image of a dataset item that may be an (image, label, ...) tuple."""
+    return item[0] if isinstance(item, (tuple, list)) else item
+
+
+def _sized(images: Images, limit: Optional[int]) -> Union[torch.Tensor, torch.utils.data.Dataset]:
+    """A tensor or map-style Dataset of at most ``limit`` images (other iterables are read into a CPU tensor)."""
+    if not isinstance(images, (torch.Tensor, torch.utils.data.Dataset)):
+        batches, count = [], 0
+        for batch in images:
+            batch = _first(batch).cpu()
+            batch = batch.unsqueeze(0) if batch.dim() == 3 else batch
+            batches.append(batch)
+            count += batch.shape[0]
+            if limit is not None and count >= limit:
+                break
+        images = torch.cat(batches)
+    if limit is not None and len(images) > limit:
+        images = images[:limit] if isinstance(images, torch.Tensor) else torch.utils.data.Subset(images, range(limit))
+    return images
+
+
+def fingerprint(images: Union[torch.Tensor, torch.utils.data.Dataset], count: int = 16) -> str:
+    """8 hex digits hashing the first ``count`` images as uint8: cheap, and part of the cache key so a
+    changed dataset, preprocessing or order under the same name does not reuse stale statistics."""
+    k = min(count, len(images))
+    first = images[:k] if isinstance(images, torch.Tensor) else torch.stack([_first(images[i]) for i in range(k)])
+    data = to_cleanfid_range(first).to(torch.uint8).numpy()
+    return hashlib.sha1(str(data.shape).encode() + data.tobytes()).hexdigest()[:8]
+
+
+def _batch_reader(images: Union[torch.Tensor, torch.utils.data.Dataset], batch_size: int) -> Callable[[int], torch.Tensor]:
+    """next_batch(b): the next batch of images, in order (b = batch_size except for the last batch)."""
+    if isinstance(images, torch.Tensor):
+        batches: Iterator = iter(images.split(batch_size))
+    else:
+        loader = torch.utils.data.DataLoader(images, batch_size=batch_size, shuffle=False)
+        batches = (_first(b) for b in loader)
+    return lambda b: next(batches)
+
+
+# ---------------------------------------------------------------------------------------------
+# the evaluator
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FIDResult:
+    """One FID value and what it was measured with; ``label()`` names all of it."""
+
+    value: float
+    mode: str
+    extractor: str
+    num_samples: int
+    reference: str
+
+    def label(self) -> str:
+        return f"FID[{self.mode}, {self.extractor}, {self.num_samples} samples vs {self.reference}]"
+
+    def __str__(self) -> str:
+        return f"{self.label()} = {self.value:.4f}"
+
+
+class FIDEvaluator:
+    """FID of generated samples against reference statistics, through clean-fid.
+
+    Use: ``ev = FIDEvaluator(...)``; ``ev.set_reference("digits", train_images)``; ``ev.compute(generate_fn)``.
+    When the Inception weights are unavailable and ``fallback="none"``, ``ev.enabled`` is False and
+    ``set_reference``/``compute`` do nothing (``compute`` returns None).
+
+    Args:
+        mode: clean-fid mode: "clean", "legacy_pytorch" or "legacy_tensorflow".
+        feature_extractor: "inception" (clean-fid's) or "small" (offline; see SmallFeatureExtractor).
+        fallback: what to do when Inception cannot be loaded: "small" or "none" (disable FID).
+        num_samples: generated samples per FID by default.
+        batch_size: images per generate_fn call / per feature-extractor batch.
+        cache_dir: where custom reference statistics are cached (default: default_cache_dir()).
+        device: device of the feature extractor (default: cuda if available, else cpu).
+        max_ref_images: use at most this many (the first) dataset images for custom statistics (None: all).
+        download: allow downloading missing clean-fid files (Inception weights, precomputed statistics).
+        download_timeout: socket timeout for those downloads (seconds per blocking network call).
+        progress: show clean-fid's tqdm progress bar.
+    """
+
+    def __init__(
+        self,
+        mode: str = "clean",
+        feature_extractor: str = "inception",
+        fallback: str = "small",
+        num_samples: int = 10_000,
+        batch_size: int = 250,
+        cache_dir: Optional[str] = None,
+        device: Optional[Union[str, torch.device]] = None,
+        max_ref_images: Optional[int] = None,
+        download: bool = True,
+        download_timeout: float = 60.0,
+        progress: bool = True,
+    ):
+        for value, known, what in ((mode, MODES, "mode"), (feature_extractor, EXTRACTORS, "feature_extractor"), (fallback, FALLBACKS, "fallback")):
+            if value not in known:
+                raise ValueError(f"unknown FID {what} '{value}'; known: {', '.join(known)}")
+        self.mode = mode
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.cache_dir = os.path.expanduser(cache_dir) if cache_dir else default_cache_dir()
+        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.max_ref_images = max_ref_images
+        self.download = download
+        self.download_timeout = download_timeout
+        self.progress = progress
+
+        self.extractor_name: Optional[str] = None  # "inception" / "small"; None = FID disabled
+        self.extractor: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        self.disabled_reason: Optional[str] = None
+        if feature_extractor == "inception":
+            self.extractor, problem = self._build_inception()
+            if self.extractor is not None:
+                self.extractor_name = "inception"
+            else:
+                path, url = inception_weights(mode)
+                msg = (
+                    f"FID: clean-fid's Inception weights could not be loaded ({problem}). "
+                    f"clean-fid (mode '{mode}') needs the file {path}; download it from {url} and place it there. "
+                )
+                if fallback == "small":
+                    msg += "Using the 'small' feature extractor instead: these FIDs are NOT Inception FIDs and are only comparable with other 'small' FIDs."
+                else:
+                    msg += "FID is disabled (fallback: none)."
+                    self.disabled_reason = msg
+                _warn_once(msg)
+        if self.extractor is None and self.disabled_reason is None:
+            self.extractor = SmallFeatureExtractor().to(self.device)
+            self.extractor_name = "small"
+
+        self.ref_mu: Optional[np.ndarray] = None
+        self.ref_sigma: Optional[np.ndarray] = None
+        self.reference: Optional[str] = None  # e.g. "digits custom stats (1797 images)"
+        self.reference_source: Optional[str] = None  # "precomputed", "cache" or "computed"
+
+    @property
+    def enabled(self) -> bool:
+        return self.extractor is not None
+
+    @property
+    def extractor_id(self) -> str:
+        """Extractor name plus version, as used in cache keys."""
+        return "inception" if self.extractor_name == "inception" else f"small-v{SmallFeatureExtractor.VERSION}"
+
+    def _build_inception(self):
+        """(clean-fid's extractor, None), or (None, why not). Never downloads unless ``download``."""
+        path, _ = inception_weights(self.mode)
+        existed = os.path.exists(path)
+        if not existed and not self.download:
+            return None, f"{path} does not exist and downloads are off"
+        try:
+            with _socket_timeout(self.download_timeout):
+                return build_feature_extractor(self.mode, self.device, use_dataparallel=False), None
+        except Exception as e:  # no network, HTTP error, corrupt file, ...
+            if not existed and os.path.exists(path):
+                os.remove(path)  # a partial download would break every later run
+            return None, f"{type(e).__name__}: {e}"
+
+    # -- features and statistics -------------------------------------------------------------
+
+    def _features(self, source: Union[Callable[[int], torch.Tensor], torch.Tensor, torch.utils.data.Dataset], n: int, desc: str) -> np.ndarray:
+        """Features [n, D] of n images via clean-fid's get_model_features.
+
+        source: generate_fn(b) -> [b, C, H, W] images, or a tensor / Dataset of images (read in order).
+        """
+        # clean-fid calls G(z) for ceil(n / bs) batches of exactly bs images and keeps the first n
+        # features. Evening out bs (<= batch_size) keeps the padding of the last batch small.
+        bs = math.ceil(n / math.ceil(n / self.batch_size))
+        next_batch = _batch_reader(source, bs) if isinstance(source, (torch.Tensor, torch.utils.data.Dataset)) else source
+        remaining = n
+
+        def gen(z: torch.Tensor) -> torch.Tensor:
+            nonlocal remaining
+            b = min(bs, remaining)
+            imgs = next_batch(b)
+            if imgs.shape[0] != b:
+                raise ValueError(f"asked for {b} images, got {imgs.shape[0]}")
+            imgs = to_cleanfid_range(imgs)
+            remaining -= b
+            if b < bs:
+                imgs = torch.cat([imgs, imgs.new_zeros(bs - b, *imgs.shape[1:])])
+            return imgs
+
+        return cfid.get_model_features(
+            gen, self.extractor, mode=self.mode, z_dim=1, num_gen=n, batch_size=bs,
+            device=self.device, desc=desc, verbose=self.progress,
+        )
+
+    def features(self, images: Images) -> np.ndarray:
+        """Features [N, D] of [-1, 1] images (tensor [N, C, H, W], Dataset, or iterable of batches)."""
+        images = _sized(images, None)
+        return self._features(images, len(images), "FID features: ")
+
+    @staticmethod
+    def statistics(feats: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """(mu, sigma) as clean-fid computes them."""
+        return np.mean(feats, axis=0), np.cov(feats, rowvar=False)
+
+    def set_reference(self, name: str, images: Optional[Images] = None, resolution: Optional[int] = None) -> None:
+        """Load or compute the reference statistics for dataset ``name``.
+
+        images: the dataset's [-1, 1] images without augmentation (tensor [N, C, H, W], map-style Dataset
+        of images or (image, label) items, or an iterable of batches). Optional when clean-fid has
+        precomputed statistics for (name, resolution) and they can be loaded.
+        resolution: image side length; default: that of the first image.
+        The cache key is (name, resolution, mode, extractor, number of images, fingerprint of the first images).
+        """
+        if not self.enabled:
+            return
+        if images is not None:
+            images = _sized(images, self.max_ref_images)
+            if resolution is None:
+                first = images[0] if isinstance(images, torch.Tensor) else _first(images[0])
+                resolution = int(first.shape[-1])
+        split = PRECOMPUTED.get((name, resolution))
+        if split is not None and self.extractor_name == "inception":
+            stats = self._load_precomputed(name, resolution, split)
+            if stats is not None:
+                self.ref_mu, self.ref_sigma = stats
+                self.reference, self.reference_source = f"clean-fid {name} {split}", "precomputed"
+                return
+        if images is None:
+            raise ValueError(f"no precomputed FID statistics for '{name}' at {resolution}px: pass the dataset's images")
+
+        n = len(images)
+        path = stats_path(self.cache_dir, name, resolution, self.mode, self.extractor_id, n, fingerprint(images))
+        self.reference = f"{name} custom stats ({n} images)"
+        if os.path.exists(path):
+            with np.load(path) as f:
+                self.ref_mu, self.ref_sigma = f["mu"], f["sigma"]
+            self.reference_source = "cache"
+            log.info("FID reference statistics loaded from cache: %s", path)
+            return
+        feats = self._features(images, n, f"FID stats {name}: ")
+        self.ref_mu, self.ref_sigma = self.statistics(feats)
+        self.reference_source = "computed"
+        os.makedirs(self.cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")  # atomic: parallel runs may share the cache
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, mu=self.ref_mu, sigma=self.ref_sigma)
+        os.replace(tmp, path)
+        log.info("FID reference statistics computed from %d images and cached: %s", n, path)
+
+    def _load_precomputed(self, name: str, res: int, split: str):
+        """clean-fid's precomputed (mu, sigma), or None (with a warning) when they cannot be had."""
+        path, url = precomputed_stats(name, res, self.mode, split)
+        existed = os.path.exists(path)
+        if not existed and not self.download:
+            problem = "downloads are off"
+        else:
+            try:
+                with _socket_timeout(self.download_timeout):
+                    return get_reference_statistics(name, res, mode=self.mode, split=split)
+            except Exception as e:
+                if not existed and os.path.exists(path):
+                    os.remove(path)
+                problem = f"{type(e).__name__}: {e}"
+        _warn_once(
+            f"FID: clean-fid's precomputed {name} {split} statistics are unavailable ({problem}); "
+            f"computing custom statistics from the dataset instead. To use them, download {url} to {path}."
+        )
+        return None
+
+    # -- scores --------------------------------------------------------------------------------
+
+    def compute(self, generate_fn: Callable[[int], torch.Tensor], num_samples: Optional[int] = None) -> Optional[FIDResult]:
+        """FID of ``num_samples`` images from generate_fn(b) -> [-1, 1] images [b, C, H, W] (any device)
+        against the reference. Batches are moved to the CPU as they come. None when FID is disabled.
+
+        Note: clean-fid draws a dummy z (torch.randn([b, 1]), global CPU RNG) per batch."""
+        if not self.enabled:
+            return None
+        if self.ref_mu is None:
+            raise RuntimeError("FIDEvaluator.compute: call set_reference(...) first")
+        n = num_samples or self.num_samples
+        if n < 2:
+            raise ValueError(f"FID needs at least 2 samples, got {n}")
+        return self._against_reference(self._features(generate_fn, n, "FID samples: "))
+
+    def score(self, images: Images) -> Optional[FIDResult]:
+        """FID of a finished set of [-1, 1] images against the reference (None when FID is disabled)."""
+        if not self.enabled:
+            return None
+        if self.ref_mu is None:
+            raise RuntimeError("FIDEvaluator.score: call set_reference(...) first")
+        return self._against_reference(self.features(images))
+
+    def _against_reference(self, feats: np.ndarray) -> FIDResult:
+        mu, sigma = self.statistics(feats)
+        value = float(cfid.frechet_distance(mu, sigma, self.ref_mu, self.ref_sigma))
+        return FIDResult(value, self.mode, self.extractor_name, len(feats), self.reference)
+
+    def compare(self, images: Images, reference_images: Images, reference_name: str = "images") -> Optional[FIDResult]:
+        """FID between two image sets ([-1, 1]; tensors, Datasets or iterables of batches); nothing is cached."""
+        if not self.enabled:
+            return None
+        feats = self.features(images)
+        ref = self.features(reference_images)
+        value = float(cfid.frechet_distance(*self.statistics(feats), *self.statistics(ref)))
+        return FIDResult(value, self.mode, self.extractor_name, len(feats), f"{reference_name} ({len(ref)} images)")
+
+
+class FIDTracker:
+    """FID during training: every `eval.every` steps on EMA samples, the best value and its history.
+
+    Evaluation runs under `torch.random.fork_rng`, so switching FID on or off never changes training.
+    The starting noise is the same at every evaluation, so values compare over time.
+    """
+
+    def __init__(self, eval_cfg, dataset, device: torch.device, seed: int = 0):
+        self.every = int(eval_cfg.every)
+        self.num_samples, self.seed = int(eval_cfg.num_samples), seed
+        self.shape = (dataset.channels, dataset.image_size, dataset.image_size)
+        self.device = torch.device(device)
+        self.history: list = []  # [(step, value)]
+        self.best: Optional[float] = None
+        self.label: Optional[str] = None
+        self.evaluator: Optional[FIDEvaluator] = None
+        if self.every > 0:
+            self.evaluator = FIDEvaluator(mode=eval_cfg.mode, feature_extractor=eval_cfg.feature_extractor,
+                                          fallback=eval_cfg.fallback, num_samples=self.num_samples,
+                                          batch_size=eval_cfg.batch_size, device=device, progress=False)
+            if self.evaluator.enabled:
+                self.evaluator.set_reference(dataset.name, dataset, resolution=dataset.image_size)
+
+    @property
+    def enabled(self) -> bool:
+        return self.evaluator is not None and self.evaluator.enabled
+
+    def due(self, step: int) -> bool:
+        return self.enabled and step % self.every == 0
+
+    def evaluate(self, sample: Callable[[torch.Tensor, int], torch.Tensor]) -> FIDResult:
+        """FID of `num_samples` images from sample(x_T, seed) against the dataset's reference statistics."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            noise = torch.Generator().manual_seed(self.seed)
+            calls = iter(range(self.num_samples))
+
+            def generate(b: int) -> torch.Tensor:
+                x_T = torch.randn((b, *self.shape), generator=noise)
+                return sample(x_T, self.seed + next(calls)).cpu()
+
+            result = self.evaluator.compute(generate, self.num_samples)
+        self.label = result.label()
+        return result
+
+    def record(self, step: int, result: FIDResult) -> bool:
+        """Add a value to the history; True when it is the best so far."""
+        self.history.append((step, result.value))
+        if self.best is None or result.value < self.best:
+            self.best = result.value
+            return True
+        return False
+
+    def state_dict(self) -> dict:
+        return {"history": list(self.history), "best": self.best, "label": self.label}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history, self.best, self.label = list(state["history"]), state["best"], state["label"]
+
+    def summary(self) -> dict:
+        return {"fid_history": self.history, "best_fid": self.best, "fid_label": self.label}

@@ -1,0 +1,291 @@
+"""FID through clean-fid, offline: the "small" extractor, the reference-statistics cache, and the
+Inception fallback. The network is blocked for every test here (socket level), so nothing can hang."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import cleanfid
+import cleanfid.fid as cfid
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+from sklearn.datasets import load_digits
+
+from diffusion_lab import fid
+from diffusion_lab.fid import FIDEvaluator, FIDResult
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    """No network (any download fails at once), fresh warn-once memory, torch.hub kept in tmp_path."""
+
+    def no_network(*args, **kwargs):
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(fid, "_warned", set())
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: one intra-op thread avoids OpenMP spin-waiting on a busy 2-core box (2-3x faster)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits() -> torch.Tensor:
+    """sklearn's 1797 8x8 digits in [-1, 1], [N, 1, 8, 8], in a fixed random order."""
+    x = torch.tensor(load_digits().images, dtype=torch.float32)[:, None] / 16.0 * 2.0 - 1.0
+    return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))]
+
+
+def small_evaluator(cache_dir, **kwargs) -> FIDEvaluator:
+    kwargs = {"feature_extractor": "small", "batch_size": 100, "device": "cpu", "progress": False, "download": False, **kwargs}
+    return FIDEvaluator(cache_dir=None if cache_dir is None else str(cache_dir), **kwargs)
+
+
+def reader(images: torch.Tensor, calls: list = None):
+    """generate_fn serving `images` in order; records the requested batch sizes."""
+    pos = 0
+
+    def generate(b: int) -> torch.Tensor:
+        nonlocal pos
+        if calls is not None:
+            calls.append(b)
+        pos += b
+        return images[pos - b : pos]
+
+    return generate
+
+
+def noise_source(channels: int = 1, size: int = 8, seed: int = 1):
+    """generate_fn(b) of Gaussian noise images clamped to [-1, 1] (fresh noise on every call)."""
+    gen = torch.Generator().manual_seed(seed)
+    return lambda b: torch.randn(b, channels, size, size, generator=gen).clamp(-1, 1)
+
+
+def noise(n: int, channels: int = 1, size: int = 8, seed: int = 1) -> torch.Tensor:
+    return noise_source(channels, size, seed)(n)
+
+
+def reference_fid(f1: np.ndarray, f2: np.ndarray) -> float:
+    """Independent FID: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), via symmetric eigh."""
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    w, v = np.linalg.eigh(s1)
+    s1_half = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(s1_half @ s2 @ s1_half), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def test_self_disjoint_and_noise_fid(digits, tmp_path):
+    a, b = digits[:200], digits[200:400]
+    ev = small_evaluator(tmp_path, batch_size=90)
+    ev.set_reference("digits-a", a)
+    assert ev.reference == "digits-a custom stats (200 images)"
+
+    calls = []
+    same = ev.compute(reader(a, calls), 200)
+    assert calls == [67, 67, 66]  # at most batch_size (90) per call, evened out, summing to num_samples
+    disjoint = ev.compute(reader(b), 200)
+    noisy = ev.compute(noise_source(), 200)
+    print(f"\nself {same.value:.3e}  disjoint {disjoint.value:.4f}  noise {noisy.value:.4f}")
+
+    # Same images in the same order -> identical features, mu and sigma: the FID is 0 up to the
+    # rounding error of scipy's sqrtm (~1e-14 here), far below any real difference.
+    assert abs(same.value) < 1e-6 * noisy.value
+    # A disjoint sample of the same distribution only differs by sampling error.
+    assert disjoint.value < 0.05 * noisy.value
+    assert noisy.value > 0.5
+    assert isinstance(noisy, FIDResult)
+    assert noisy.label() == "FID[clean, small, 200 samples vs digits-a custom stats (200 images)]"
+    assert noisy.extractor == "small" and noisy.num_samples == 200 and noisy.mode == "clean"
+
+
+def test_clean_fid_code_path_and_frechet_cross_check(digits, tmp_path, monkeypatch):
+    called = {"get_model_features": 0, "build_resizer": 0, "frechet_distance": 0}
+    feats = []
+    for name in called:
+        original = getattr(cfid, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            called[_name] += 1
+            out = _original(*args, **kwargs)
+            if _name == "get_model_features":
+                feats.append(out)
+            return out
+
+        monkeypatch.setattr(cfid, name, spy)
+
+    ev = small_evaluator(tmp_path)
+    seen_shapes = []
+    extractor = ev.extractor
+    ev.extractor = lambda x: (seen_shapes.append(tuple(x.shape)), extractor(x))[1]
+
+    a, b = digits[:150], digits[150:300]
+    result = ev.compare(a, b, reference_name="digits b")
+    assert called == {"get_model_features": 2, "build_resizer": 2, "frechet_distance": 1}
+    assert set(seen_shapes) == {(75, 3, 299, 299)}  # clean-fid's clean resize ran before the extractor
+    assert result.reference == "digits b (150 images)"
+
+    assert [f.shape for f in feats] == [(150, 128), (150, 128)]
+    expected = reference_fid(*feats)
+    assert result.value == pytest.approx(expected, rel=1e-6)
+
+    # clean-fid's frechet_distance on a small explicit case
+    rng = np.random.default_rng(0)
+    m1, m2 = rng.normal(size=4), rng.normal(size=4)
+    g1, g2 = rng.normal(size=(4, 4)), rng.normal(size=(4, 4))
+    s1, s2 = g1 @ g1.T + np.eye(4), g2 @ g2.T + np.eye(4)
+    independent = ((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert cfid.frechet_distance(m1, s1, m2, s2) == pytest.approx(independent, rel=1e-9)
+
+
+def test_reference_stats_cached_and_reused(digits, tmp_path, monkeypatch, caplog):
+    ref = digits[:120]
+    ev = small_evaluator(tmp_path, max_ref_images=100)
+    ev.set_reference("digits", ref)
+    path = fid.stats_path(str(tmp_path), "digits", 8, "clean", "small-v1", 100, fid.fingerprint(ref[:100]))
+    assert os.path.basename(path).startswith("digits_8px_clean_small-v1_n100_")
+    assert ev.reference_source == "computed" and os.path.exists(path)
+    mtime = os.path.getmtime(path)
+
+    def no_features(*args, **kwargs):
+        raise AssertionError("reference features recomputed despite the cache")
+
+    monkeypatch.setattr(cfid, "get_model_features", no_features)
+    ev2 = small_evaluator(tmp_path, max_ref_images=100)
+    with caplog.at_level("INFO", logger="diffusion_lab.fid"):
+        ev2.set_reference("digits", ref)
+    assert ev2.reference_source == "cache" and "loaded from cache" in caplog.text
+    assert os.path.getmtime(path) == mtime
+    np.testing.assert_array_equal(ev2.ref_sigma, ev.ref_sigma)
+    assert ev2.reference == "digits custom stats (100 images)"
+
+    # other images under the same name and count do not hit that cache entry
+    monkeypatch.undo()
+    ev3 = small_evaluator(tmp_path, max_ref_images=100)
+    ev3.set_reference("digits", digits[120:240])
+    assert ev3.reference_source == "computed" and len(os.listdir(tmp_path)) == 2
+
+
+def test_default_cache_dir_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("DIFFUSION_LAB_CACHE", str(tmp_path))
+    assert fid.default_cache_dir() == os.path.join(str(tmp_path), "fid_stats")
+    assert small_evaluator(None).cache_dir == os.path.join(str(tmp_path), "fid_stats")
+
+
+def test_inception_missing_falls_back_to_small_once(tmp_path, monkeypatch, caplog):
+    missing = tmp_path / "nowhere" / "inception-2015-12-05.pt"
+    monkeypatch.setattr(fid, "inception_weights", lambda mode: (str(missing), "https://example.invalid/inception.pt"))
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("tried to build Inception although its weights are missing and downloads are off")
+
+    monkeypatch.setattr(fid, "build_feature_extractor", must_not_build)
+    start = time.monotonic()
+    with caplog.at_level("WARNING", logger="diffusion_lab.fid"):
+        ev = FIDEvaluator(feature_extractor="inception", fallback="small", download=False, device="cpu", cache_dir=str(tmp_path))
+        ev2 = FIDEvaluator(feature_extractor="inception", fallback="small", download=False, device="cpu", cache_dir=str(tmp_path))
+    assert time.monotonic() - start < 5
+    assert ev.enabled and ev.extractor_name == ev2.extractor_name == "small"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1  # once, not per evaluator
+    assert str(missing) in warnings[0] and "https://example.invalid/inception.pt" in warnings[0]
+    assert "NOT Inception FIDs" in warnings[0]
+
+
+@pytest.mark.parametrize("mode", ["clean", "legacy_pytorch"])
+def test_inception_download_fails_fast_offline(mode, tmp_path, caplog):
+    """The real clean-fid download code runs and fails at once (no network); nothing partial is left."""
+    path, url = fid.inception_weights(mode)
+    if os.path.exists(path):
+        pytest.skip(f"clean-fid's Inception weights are installed at {path}")
+    start = time.monotonic()
+    with caplog.at_level("WARNING", logger="diffusion_lab.fid"):
+        ev = FIDEvaluator(mode=mode, feature_extractor="inception", download=True, download_timeout=5, device="cpu", cache_dir=str(tmp_path))
+    assert time.monotonic() - start < 10
+    assert ev.extractor_name == "small"
+    assert path in caplog.text and url in caplog.text
+    assert not os.path.exists(path)
+
+
+def test_fallback_none_disables_fid(tmp_path, monkeypatch, caplog, digits):
+    missing = tmp_path / "inception-2015-12-05.pt"
+    monkeypatch.setattr(fid, "inception_weights", lambda mode: (str(missing), "https://example.invalid/x.pt"))
+    with caplog.at_level("WARNING", logger="diffusion_lab.fid"):
+        ev = FIDEvaluator(feature_extractor="inception", fallback="none", download=False, device="cpu", cache_dir=str(tmp_path))
+    assert not ev.enabled and ev.extractor_name is None
+    assert "FID is disabled (fallback: none)" in caplog.text and str(missing) in ev.disabled_reason
+    ev.set_reference("digits", digits)  # no-op
+    assert ev.compute(noise_source(), 10) is None and ev.compare(digits, digits) is None
+    assert not any(p.suffix == ".npz" for p in tmp_path.iterdir())
+
+
+def test_cifar10_precomputed_stats_or_custom_fallback(tmp_path, monkeypatch, caplog):
+    """cifar10/32px with Inception tries clean-fid's precomputed train stats, else custom stats.
+
+    Inception itself is stood in for by the small net; clean-fid's stats folder is redirected to tmp_path.
+    """
+    weights = tmp_path / "inception-2015-12-05.pt"
+    weights.write_bytes(b"")
+    monkeypatch.setattr(fid, "inception_weights", lambda mode: (str(weights), "https://example.invalid/x.pt"))
+    monkeypatch.setattr(fid, "build_feature_extractor", lambda mode, device, use_dataparallel: fid.SmallFeatureExtractor())
+    monkeypatch.setattr(cleanfid, "__file__", str(tmp_path / "cleanfid" / "__init__.py"))
+    images = noise(40, channels=3, size=32)
+    kwargs = {"feature_extractor": "inception", "batch_size": 20, "device": "cpu", "progress": False, "cache_dir": str(tmp_path / "cache")}
+
+    stats_file, url = fid.precomputed_stats("cifar10", 32, "clean", "train")
+    assert stats_file == str(tmp_path / "cleanfid" / "stats" / "cifar10_clean_train_32.npz")
+    assert url == "https://www.cs.cmu.edu/~clean-fid/stats/cifar10_clean_train_32.npz"
+
+    ev = FIDEvaluator(download=True, **kwargs)  # download attempted, fails (offline)
+    with caplog.at_level("WARNING", logger="diffusion_lab.fid"):
+        ev.set_reference("cifar10", images)
+    assert ev.extractor_name == "inception" and ev.reference == "cifar10 custom stats (40 images)"
+    assert url in caplog.text and not os.path.exists(stats_file)
+
+    os.makedirs(os.path.dirname(stats_file), exist_ok=True)
+    np.savez(stats_file, mu=np.zeros(128), sigma=np.eye(128))  # as if downloaded
+    ev = FIDEvaluator(download=False, **kwargs)
+    ev.set_reference("cifar10", images)
+    assert ev.reference_source == "precomputed" and ev.reference == "clean-fid cifar10 train"
+    np.testing.assert_array_equal(ev.ref_sigma, np.eye(128))
+    result = ev.compute(noise_source(channels=3, size=32), 30)
+    assert result.label() == "FID[clean, inception, 30 samples vs clean-fid cifar10 train]"
+
+
+def test_one_and_three_channels_and_datasets(digits, tmp_path):
+    ev = small_evaluator(tmp_path, batch_size=48)
+    gray = digits[:48]
+    # grayscale is repeated to 3 channels: the same images given as RGB have the same features
+    np.testing.assert_allclose(ev.features(gray), ev.features(gray.repeat(1, 3, 1, 1)), rtol=0, atol=0)
+    color = ev.features(noise(48, channels=3, seed=2))
+    assert color.shape == (48, 128) and np.isfinite(color).all()
+
+    # a Dataset of (image, label) items and an iterable of batches give the tensor's statistics
+    dataset = torch.utils.data.TensorDataset(gray, torch.zeros(len(gray)))
+    ev.set_reference("digits", dataset)
+    from_dataset = ev.ref_mu
+    assert abs(ev.compute(reader(gray), 48).value) < 1e-6  # 48 < 128 dims: singular sigma, sqrtm less exact
+    ev.set_reference("digits-batches", [gray[:20], gray[20:]])
+    np.testing.assert_array_equal(ev.ref_mu, from_dataset)
+
+    with pytest.raises(ValueError, match="1 or 3"):
+        ev.features(torch.zeros(4, 2, 8, 8))
+
+
+@pytest.mark.parametrize("mode", ["legacy_pytorch", "legacy_tensorflow"])
+def test_legacy_modes(mode, digits, tmp_path):
+    ev = small_evaluator(tmp_path, mode=mode, batch_size=50)
+    ev.set_reference("digits", digits[:50])
+    result = ev.compute(noise_source(), 50)
+    assert result.value > 0.1 and result.mode == mode
