@@ -29,8 +29,8 @@ class Registry:
             raise UnknownChoiceError(f"unknown {self.kind} '{name}'; known: {', '.join(self.names())}")
         return self._builders[name]
 
-    def build(self, name: str, **params: Any) -> Any:
-        return self.get(name)(**params)
+    def build(self, choice: str, /, **params: Any) -> Any:
+        return self.get(choice)(**params)
 
     def names(self) -> List[str]:
         return sorted(self._builders)

@@ -1,0 +1,68 @@
+"""Config -> registry builds -> components. The only place that reads a component's config node."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import data, models, objectives, samplers, schedules  # noqa: F401  (registers components)
+from .objectives import Objective
+from .registry import MODELS, OBJECTIVES, SCHEDULES
+from .schedules import NoiseSchedule
+
+
+def params(node: DictConfig) -> Dict[str, Any]:
+    """A config node as builder keyword arguments (everything except its `name`)."""
+    values = OmegaConf.to_container(node, resolve=True)
+    values.pop("name", None)
+    return values
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_schedule(cfg: DictConfig) -> NoiseSchedule:
+    return SCHEDULES.build(cfg.schedule.name, **params(cfg.schedule))
+
+
+def build_objective(cfg: DictConfig) -> Objective:
+    return OBJECTIVES.build(cfg.objective.name, **params(cfg.objective))
+
+
+def build_model(cfg: DictConfig, image_size: int, channels: int) -> torch.nn.Module:
+    return MODELS.build(cfg.model.name, image_size=image_size, channels=channels, **params(cfg.model))
+
+
+def build_sampler(cfg: DictConfig) -> Callable[..., torch.Tensor]:
+    return samplers.build_sampler(cfg.sampler.name, **params(cfg.sampler))
+
+
+@dataclass
+class Components:
+    """Everything a run is made of, built from the config."""
+
+    model: torch.nn.Module
+    schedule: NoiseSchedule
+    objective: Objective
+    sampler: Callable[..., torch.Tensor]
+    image_shape: tuple  # (channels, image_size, image_size)
+
+
+def build_components(cfg: DictConfig, device: torch.device, image_size: int, channels: int) -> Components:
+    """Model, schedule, objective and sampler for images of (channels, image_size, image_size)."""
+    return Components(
+        model=build_model(cfg, image_size, channels).to(device),
+        schedule=build_schedule(cfg).to(device),
+        objective=build_objective(cfg),
+        sampler=build_sampler(cfg),
+        image_shape=(channels, image_size, image_size),
+    )
+
+
+def build_dataset(cfg: DictConfig):
+    return data.build_dataset(cfg.data.name, **params(cfg.data))

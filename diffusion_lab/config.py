@@ -1,0 +1,163 @@
+"""Config checks that run before any work starts: every bad override stops with one line.
+
+Hydra reports composition errors over several lines; `check_overrides` composes every job of the
+command line first (sweeps expanded) and turns the first problem into one line. `validate` checks
+types and ranges of the composed values.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable, List, NoReturn, Optional, Sequence, Tuple
+
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message is one line naming the key."""
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print one line to stderr and exit non-zero."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _options(group: str) -> List[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+Rule = Tuple[str, type, Callable[[Any], bool], str]
+
+_positive = (lambda v: v > 0, "> 0")
+_non_negative = (lambda v: v >= 0, ">= 0")
+_unit = (lambda v: 0 <= v < 1, "in [0, 1)")
+_closed_unit = (lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+def _rule(key: str, kind: type, check: Tuple[Callable[[Any], bool], str]) -> Rule:
+    return key, kind, check[0], check[1]
+
+
+def _one_of(*choices: Any) -> Tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in choices, "one of " + ", ".join(map(str, choices)))
+
+
+RULES: Sequence[Rule] = (
+    _rule("seed", int, _non_negative),
+    _rule("data.image_size", int, _positive),
+    _rule("data.channels", int, _one_of(1, 3)),
+    _rule("model.time_dim", int, _positive),
+    _rule("model.num_heads", int, _positive),
+    _rule("model.norm_groups", int, _positive),
+    _rule("model.dropout", float, _unit),
+    _rule("model.num_res_blocks", int, _positive),
+    _rule("model.base_channels", int, _positive),
+    _rule("schedule.noise_steps", int, _positive),
+    _rule("schedule.beta_start", float, _unit),
+    _rule("schedule.beta_end", float, _unit),
+    _rule("schedule.s", float, _non_negative),
+    _rule("schedule.max_beta", float, _unit),
+    _rule("objective.weighting", str, _one_of("uniform", "min_snr")),
+    _rule("objective.snr_gamma", float, _positive),
+    _rule("sampler.steps", int, _positive),
+    _rule("sampler.eta", float, _closed_unit),
+    _rule("sampler.spacing", str, _one_of("linspace", "leading", "trailing")),
+    _rule("sampler.variance", str, _one_of("fixed_small", "fixed_large")),
+    _rule("train.steps", int, _positive),
+    _rule("train.batch_size", int, _positive),
+    _rule("train.optimizer", str, _one_of("adam", "adamw")),
+    _rule("train.lr", float, _positive),
+    _rule("train.weight_decay", float, _non_negative),
+    _rule("train.warmup_steps", int, _non_negative),
+    _rule("train.grad_clip", float, _non_negative),
+    _rule("train.ema_decay", float, _unit),
+    _rule("train.precision", str, _one_of("auto", "fp32", "bf16", "fp16")),
+    _rule("train.num_workers", int, _non_negative),
+    _rule("train.log_every", int, _positive),
+    _rule("train.sample_every", int, _non_negative),
+    _rule("train.num_grid_samples", int, _positive),
+    _rule("train.checkpoint_every", int, _non_negative),
+    _rule("eval.every", int, _non_negative),
+    _rule("eval.num_samples", int, _positive),
+    _rule("eval.batch_size", int, _positive),
+    _rule("eval.mode", str, _one_of("clean", "legacy_pytorch", "legacy_tensorflow")),
+    _rule("eval.feature_extractor", str, _one_of("inception", "small")),
+    _rule("eval.fallback", str, _one_of("small", "none")),
+)
+
+
+def _typed(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError (one line) for the first value of the wrong type or out of range."""
+    for key, kind, ok, expected in RULES:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        if not _typed(value, kind):
+            raise ConfigError(f"{key}={value!r} must be {kind.__name__} ({expected})")
+        if not ok(value):
+            raise ConfigError(f"{key}={value!r} must be {expected}")
+    betas = cfg.train.get("betas")
+    if betas is not None and not (len(betas) == 2 and all(0 <= b < 1 for b in betas)):
+        raise ConfigError(f"train.betas={list(betas)} must be two values in [0, 1)")
+    resume = cfg.train.get("resume")
+    if resume not in (None, "auto") and not Path(str(resume)).expanduser().is_file():
+        raise ConfigError(f"train.resume={resume!r} must be auto or an existing checkpoint file")
+
+
+def _one_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines[:3]) if lines else type(error).__name__
+
+
+def _check_group_choices(overrides: Sequence[Any]) -> Optional[str]:
+    for override in overrides:
+        group = override.key_or_group
+        if override.package is not None or "." in group or not (CONF_DIR / group).is_dir():
+            continue
+        if group == "experiment" and override.value() is None:
+            continue
+        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+        for value in values:
+            if str(value) not in _options(group):
+                return f"unknown {group} '{value}'; known: {', '.join(_options(group))}"
+    return None
+
+
+def check_overrides(args: Sequence[str], config_name: str = "config") -> None:
+    """Compose every job of a (multi)run command line and validate it; exit with one line on error."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    texts = [a for a in args if not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(texts)
+    except Exception as error:  # Hydra's OverrideParseException
+        fail(_one_line(error))
+    problem = _check_group_choices(parsed)
+    if problem:
+        fail(problem)
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    jobs = BasicSweeper.split_arguments(parsed, None)[0] if multirun else [texts]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for job in jobs:
+            job = [o for o in job if not o.lstrip("+~").startswith("hydra")]
+            try:
+                cfg = compose(config_name=config_name, overrides=job)
+                validate(cfg)
+            except Exception as error:
+                fail(_one_line(error))
+    GlobalHydra.instance().clear()

@@ -1,0 +1,97 @@
+"""One optimisation step, shared by the training loop and the reference classes.
+
+Owns what is the same for every model: optimizer, learning-rate warm-up, mixed precision with a
+gradient scaler, gradient clipping and the EMA update.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Optional, Sequence, Tuple
+
+import torch
+
+from .ema import EMA
+
+
+def build_optimizer(
+    params: Iterable[torch.nn.Parameter],
+    name: str = "adamw",
+    lr: float = 2e-4,
+    betas: Sequence[float] = (0.9, 0.999),
+    weight_decay: float = 0.0,
+    device: Optional[torch.device] = None,
+) -> torch.optim.Optimizer:
+    """Adam or AdamW; the fused CUDA kernel when on a GPU."""
+    classes = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    if name not in classes:
+        raise ValueError(f"unknown optimizer '{name}'; known: {', '.join(sorted(classes))}")
+    fused = device is not None and torch.device(device).type == "cuda"
+    return classes[name](params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=fused or None)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for `precision` on `device` (None = full fp32). Mixed precision is GPU-only."""
+    if torch.device(device).type != "cuda" or precision == "fp32":
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+class TrainStep:
+    """loss_fn() under autocast -> (scaled) backward -> unscale -> clip -> optimizer step -> warm-up -> EMA."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        precision: str = "auto",
+        grad_clip: float = 0.0,
+        warmup_steps: int = 0,
+        ema: Optional[EMA] = None,
+    ):
+        self.model, self.optimizer, self.ema = model, optimizer, ema
+        self.device = torch.device(device)
+        self.dtype = autocast_dtype(precision, self.device)
+        # fp16 needs loss scaling; bf16 and fp32 do not.
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+        self.grad_clip = grad_clip
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        )
+
+    def __call__(self, loss_fn: Callable[[], torch.Tensor]) -> Tuple[float, float]:
+        """Run one step; returns (loss, gradient norm before clipping)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            loss = loss_fn()
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+        max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.lr_scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return loss.item(), grad_norm.item()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])

@@ -1,0 +1,133 @@
+"""The reference API (`DiffusionProcess`, `DiffusionProcessCIFAR`) as a thin face over the core.
+
+Every computation is delegated: the schedule to `schedules`, the loss to `objectives`, the step to
+`optim.TrainStep`, sampling to `samplers`. These classes only fix the reference defaults.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .ema import EMA
+from .models import DiffusionModel, DiffusionModelCIFAR
+from .objectives import EpsObjective
+from .optim import TrainStep, build_optimizer
+from .samplers import ddim, ddpm
+from .schedules import NoiseSchedule, cosine, linear
+
+
+def default_device(device=None) -> torch.device:
+    """CUDA when available, else CPU (the reference default)."""
+    return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class _Process:
+    """Shared body of both reference processes: an eps-prediction model, a schedule and one train step."""
+
+    ddpm_kwargs: dict = {}
+
+    def __init__(self, image_size: int, channels: int, schedule: NoiseSchedule, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, device: torch.device, grad_clip: float = 0.0,
+                 ema: Optional[EMA] = None):
+        self.image_size, self.channels, self.device = image_size, channels, device
+        self.noise_steps = schedule.num_timesteps
+        self.schedule = schedule.to(device)
+        self.objective = EpsObjective()
+        self.model = model
+        self.optimizer = optimizer
+        self.ema = ema
+        self._step = TrainStep(model, optimizer, device, precision="fp16", grad_clip=grad_clip, ema=ema)
+        self.scaler = self._step.scaler  # AMP gradient scaler: enabled on CUDA only
+        # Reference attribute names.
+        self.beta_schedule = self.schedule.betas
+        self.alpha = self.schedule.alphas
+        self.alpha_cumprod = self.schedule.alphas_cumprod
+        self.sqrt_alpha_cumprod = self.schedule.sqrt_alphas_cumprod
+        self.sqrt_one_minus_alpha_cumprod = self.schedule.sqrt_one_minus_alphas_cumprod
+
+    @property
+    def sampling_model(self) -> torch.nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def add_noise(self, x: torch.Tensor, t: torch.Tensor):
+        """q(x_t | x0): returns (x_t, noise)."""
+        return self.schedule.add_noise(x, t)
+
+    def train_step(self, images: torch.Tensor) -> float:
+        """One step of eps-prediction MSE on a batch of [-1, 1] images; returns the loss."""
+        images = images.to(self.device)
+        self.model.train()
+
+        def loss_fn() -> torch.Tensor:
+            t = self.schedule.sample_timesteps(images.shape[0], self.device)
+            x_t, noise = self.add_noise(images, t)
+            return self.objective.loss(self.model(x_t, t), images, noise, self.schedule, t)
+
+        loss, _ = self._step(loss_fn)
+        return loss
+
+    def _noise(self, num_samples: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+        shape = (num_samples, self.channels, self.image_size, self.image_size)
+        return torch.randn(shape, generator=generator, device=self.device)
+
+    def sample(self, num_samples: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Ancestral DDPM over all noise_steps; values clamped to [-1, 1]."""
+        self.sampling_model.eval()
+        return ddpm(self.sampling_model, self.schedule, self.objective, self._noise(num_samples, generator),
+                    generator=generator, clamp_final=True, **self.ddpm_kwargs)
+
+    def sample_ddim(self, num_samples: int, ddim_steps: int = 50, eta: float = 0.0,
+                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """DDIM on round(linspace(0, T-1, ddim_steps)); clamped at the final step only."""
+        if not 0 < ddim_steps <= self.noise_steps:
+            raise ValueError(f"ddim_steps must be in (0, {self.noise_steps}], got {ddim_steps}")
+        self.sampling_model.eval()
+        return ddim(self.sampling_model, self.schedule, self.objective, self._noise(num_samples, generator),
+                    steps=ddim_steps, eta=eta, spacing="linspace", clip_x0=False, clamp_final=True,
+                    generator=generator)
+
+
+class DiffusionProcess(_Process):
+    """The base reference process: cosine schedule, `DiffusionModel`, Adam (lr 1e-4).
+
+    Decision: the cosine schedule is fully defined by T (and s = 0.008); `beta_start` and `beta_end`
+    are accepted for API compatibility and stored, but do not change it. `sample` uses the
+    eps-form DDPM mean with variance beta_t (no per-step clipping), as the reference describes.
+    """
+
+    ddpm_kwargs = {"variance": "fixed_large", "clip_x0": False}
+
+    def __init__(self, image_size: int, channels: int, hidden_dims: Sequence[int] = (32, 64, 128),
+                 beta_start: float = 1e-4, beta_end: float = 0.02, noise_steps: int = 1000, device=None):
+        device = default_device(device)
+        self.beta_start, self.beta_end = beta_start, beta_end
+        model = DiffusionModel(image_size, channels, list(hidden_dims)).to(device)
+        super().__init__(image_size, channels, cosine(noise_steps), model,
+                         torch.optim.Adam(model.parameters(), lr=1e-4), device)
+
+
+class DiffusionProcessCIFAR(_Process):
+    """The CIFAR-10 reference process: linear schedule, `DiffusionModelCIFAR` with dropout, AdamW
+    (lr 2e-4, weight decay 1e-5), gradient clipping at 1.0 and an EMA model used for sampling.
+
+    `sample` reconstructs x0, clamps it to [-1, 1] and takes the posterior mean and variance.
+    """
+
+    ddpm_kwargs = {"variance": "fixed_small", "clip_x0": True}
+
+    def __init__(self, image_size: int = 32, channels: int = 3,
+                 hidden_dims: Sequence[int] = (128, 256, 256, 256), beta_start: float = 1e-4,
+                 beta_end: float = 0.02, noise_steps: int = 1000, dropout: float = 0.1,
+                 ema_decay: float = 0.9999, device=None):
+        device = default_device(device)
+        model = DiffusionModelCIFAR(image_size, channels, list(hidden_dims), dropout=dropout).to(device)
+        optimizer = build_optimizer(model.parameters(), "adamw", lr=2e-4, betas=(0.9, 0.999),
+                                    weight_decay=1e-5, device=device)
+        ema = EMA(model, decay=ema_decay, warmup=False)
+        super().__init__(image_size, channels, linear(noise_steps, beta_start, beta_end), model, optimizer,
+                         device, grad_clip=1.0, ema=ema)
+        self.ema_model = ema.module
+        self.posterior_variance = self.schedule.posterior_variance
+        self.posterior_mean_coef1 = self.schedule.posterior_mean_coef1
+        self.posterior_mean_coef2 = self.schedule.posterior_mean_coef2

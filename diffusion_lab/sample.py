@@ -1,0 +1,111 @@
+"""`python -m diffusion_lab.sample checkpoint=PATH`: samples (and optionally FID) from a trained checkpoint.
+
+The checkpoint's saved config rebuilds the model, schedule and objective, so a model trained with any
+objective samples with any sampler: `sampler=ddim sampler.steps=50 num_samples=1000`.
+Writes grid.png and samples.npz (array `images`, uint8, N x H x W x C) into the run dir.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from .build import build_dataset, build_model, build_objective, build_sampler, build_schedule, resolve_device
+from .config import fail
+from .data import save_grid, to_uint8
+from .fid import FIDEvaluator
+from .objectives import Objective
+from .schedules import NoiseSchedule
+
+
+@dataclass
+class Trained:
+    """A checkpoint's EMA model with the schedule and objective it was trained with."""
+
+    model: torch.nn.Module
+    schedule: NoiseSchedule
+    objective: Objective
+    config: DictConfig
+    image_shape: tuple
+    step: int
+
+
+def load_trained(path: Path, device: torch.device) -> Trained:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    state = checkpoint.load(path, map_location=device)
+    cfg = OmegaConf.create(state["config"])
+    channels, image_size, _ = state["image_shape"]
+    model = build_model(cfg, image_size, channels).to(device)
+    model.load_state_dict(state["train_step"]["ema"]["module"])
+    model.eval()
+    return Trained(model, build_schedule(cfg).to(device), build_objective(cfg), cfg,
+                   tuple(state["image_shape"]), state["step"])
+
+
+def generate(trained: Trained, sampler: Callable, num_samples: int, batch_size: int, seed: int,
+             device: torch.device, progress: bool = True) -> torch.Tensor:
+    """num_samples images in [-1, 1] on the CPU, generated batch by batch from seeded noise."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    batches = []
+    for start in tqdm(range(0, num_samples, batch_size), desc="sample", disable=not progress):
+        x_T = torch.randn((min(batch_size, num_samples - start), *trained.image_shape), generator=generator,
+                          device=device)
+        batches.append(sampler(trained.model, trained.schedule, trained.objective, x_T, generator=generator).cpu())
+    return torch.cat(batches)
+
+
+def make_fid_evaluator(eval_cfg: DictConfig, train_cfg: DictConfig, device: torch.device) -> FIDEvaluator:
+    """A FID evaluator with reference statistics of the checkpoint's training data."""
+    evaluator = FIDEvaluator(mode=eval_cfg.mode, feature_extractor=eval_cfg.feature_extractor,
+                             fallback=eval_cfg.fallback, num_samples=eval_cfg.num_samples,
+                             batch_size=eval_cfg.batch_size, device=device)
+    if evaluator.enabled:
+        dataset = build_dataset(train_cfg)
+        evaluator.set_reference(dataset.name, dataset, resolution=dataset.image_size)
+    return evaluator
+
+
+def sample(cfg: DictConfig, run_dir: Path) -> dict:
+    """Write grid.png, samples.npz (and fid.json) into run_dir; return a summary."""
+    device = resolve_device(cfg.device)
+    trained = load_trained(Path(cfg.checkpoint), device)
+    sampler = build_sampler(cfg)
+    images = generate(trained, sampler, cfg.num_samples, cfg.batch_size, cfg.seed, device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_grid(images[:64], run_dir / "grid.png")
+    np.savez_compressed(run_dir / "samples.npz", images=to_uint8(images))
+    summary = {"checkpoint": str(cfg.checkpoint), "step": trained.step, "sampler": OmegaConf.to_container(cfg.sampler),
+               "num_samples": cfg.num_samples, "objective": trained.config.objective.name}
+    if cfg.fid:
+        evaluator = make_fid_evaluator(cfg.eval, trained.config, device)
+        if evaluator.enabled:
+            result = evaluator.score(images)
+            print(result)
+            summary["fid"] = {"value": result.value, "label": result.label()}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"wrote {run_dir / 'grid.png'} and {run_dir / 'samples.npz'} ({cfg.num_samples} images)")
+    return summary
+
+
+@hydra.main(config_path="../conf", config_name="sample", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        sample(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except (FileNotFoundError, ValueError) as error:
+        fail(str(error).splitlines()[0])
+
+
+if __name__ == "__main__":
+    main()

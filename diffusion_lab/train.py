@@ -1,0 +1,267 @@
+"""`python -m diffusion_lab.train`: config -> registry builds -> training loop -> logs, checkpoints, pictures.
+
+The loop only talks to interfaces: `schedule.add_noise`, `objective.loss`, `sampler(...)`; it does not know
+which schedule, objective, sampler or model it holds.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from .build import build_components, build_dataset, params, resolve_device
+from .config import ConfigError, check_overrides, fail, validate
+from .data import DatasetNotFoundError, ResumableLoader, save_grid
+from .ema import EMA
+from .fid import FIDTracker
+from .loggers import LOGGERS
+from .models import count_parameters
+from .optim import TrainStep, build_optimizer
+from .plots import plot_loss
+from .registry import UnknownChoiceError
+
+
+class StopRequest:
+    """First Ctrl-C: finish the current step, checkpoint, exit. Second Ctrl-C: stop at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread (some launchers): keep the default behaviour
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to abort without a checkpoint)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resume_path(cfg: DictConfig, outputs_root: Path) -> Optional[Path]:
+    resume = cfg.train.resume
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = checkpoint.find_resumable(cfg, [outputs_root])
+        print(f"resume=auto: {'continuing ' + str(found) if found else 'no matching run found; starting fresh'}")
+        return found
+    return Path(str(resume)).expanduser()
+
+
+def carry_metrics(previous_run: Path, run_dir: Path, up_to_step: int) -> None:
+    """Copy the earlier run's metrics up to the checkpoint step, so the curve continues seamlessly."""
+    source = previous_run / "metrics.jsonl"
+    if source.resolve() == (run_dir / "metrics.jsonl").resolve() or not source.is_file():
+        return
+    lines = [line for line in source.read_text().splitlines() if line and json.loads(line)["step"] <= up_to_step]
+    (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+
+
+def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides: Sequence[str] = (),
+          outputs_root: Path = Path("outputs")) -> Dict[str, Any]:
+    """Train one run into `run_dir` and return its summary (also written to summary.json)."""
+    validate(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    try:
+        dataset = build_dataset(cfg)
+        parts = build_components(cfg, device, dataset.image_size, dataset.channels)
+    except (ValueError, TypeError) as error:  # a builder refused the config: say it in one line
+        raise ConfigError(str(error).splitlines()[0]) from error
+    model, schedule, objective = parts.model, parts.schedule, parts.objective
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        model = model.to(memory_format=torch.channels_last)
+    t = cfg.train
+    ema = EMA(model, decay=t.ema_decay, warmup=t.ema_warmup)
+    optimizer = build_optimizer(model.parameters(), t.optimizer, t.lr, t.betas, t.weight_decay, device)
+    step_fn = TrainStep(model, optimizer, device, t.precision, t.grad_clip, t.warmup_steps, ema)
+    forward = torch.compile(model) if t.compile else model
+    loader = ResumableLoader(dataset, t.batch_size, cfg.seed, hflip=dataset.hflip,
+                             num_workers=t.num_workers, device=device)
+    noise_generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    fid = FIDTracker(cfg.eval, dataset, device, seed=cfg.seed)
+
+    step, elapsed_before, run_id, loss_history = 0, 0.0, None, []
+    source = resume_path(cfg, outputs_root)
+    if source is not None:
+        state = checkpoint.load(source, map_location=device)
+        model.load_state_dict(state["model"])
+        step_fn.load_state_dict(state["train_step"])
+        loader.load_state_dict(state["data"])
+        noise_generator.set_state(state["rng"]["noise_generator"].cpu())
+        checkpoint.set_rng_states(state["rng"])
+        fid.load_state_dict(state["fid"])
+        step, elapsed_before = state["step"], state["elapsed_s"]
+        run_id, loss_history = state.get("wandb_run_id"), state["loss_history"]
+        carry_metrics(source.parent.parent, run_dir, step)
+        print(f"resumed from {source} at step {step}")
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
+    name = cfg.run_name or ",".join(overrides) or "default"
+    logger = LOGGERS.build(cfg.logger.name, run_dir=run_dir, config=config, name=name,
+                           group=cfg.logger.get("group") or group, run_id=run_id, **params(cfg.logger))
+    n_params = count_parameters(model)
+    c, h, w = parts.image_shape
+    print(f"diffusion_lab | device {device} | model {cfg.model.name} {n_params / 1e6:.2f}M params | "
+          f"data {cfg.data.name} {len(dataset)} images {c}x{h}x{w} | run dir {run_dir}")
+
+    grid_noise = torch.randn((t.num_grid_samples, c, h, w), generator=torch.Generator().manual_seed(cfg.seed))
+    grid_dir = run_dir / "samples"
+    grid_dir.mkdir(exist_ok=True)
+    batches = iter(loader)
+
+    def loss_fn() -> torch.Tensor:
+        x0 = next(batches)
+        t_batch = schedule.sample_timesteps(x0.shape[0], device, noise_generator)
+        eps = torch.randn(x0.shape, generator=noise_generator, device=device)
+        x_t, _ = schedule.add_noise(x0, t_batch, eps)
+        return objective.loss(forward(x_t, t_batch), x0, eps, schedule, t_batch)
+
+    def generate(x_T: torch.Tensor, seed: int) -> torch.Tensor:
+        return parts.sampler(ema.module, schedule, objective, x_T.to(device),
+                             generator=torch.Generator(device=device).manual_seed(seed))
+
+    def save_state(path: Path) -> None:
+        checkpoint.save(path, {
+            "step": step, "model": model.state_dict(), "train_step": step_fn.state_dict(),
+            "data": loader.state_dict(), "fid": fid.state_dict(), "loss_history": loss_history,
+            "rng": {**checkpoint.rng_states(), "noise_generator": noise_generator.get_state()},
+            "elapsed_s": elapsed_before + (time.perf_counter() - started), "config": config,
+            "wandb_run_id": logger.run_id, "num_parameters": n_params, "image_shape": parts.image_shape,
+            "dataset_name": dataset.name,
+        })
+
+    def sample_grid() -> Path:
+        path = grid_dir / f"step_{step:07d}.png"
+        save_grid(generate(grid_noise, cfg.seed), path)
+        logger.log_images({"samples": path}, step)
+        return path
+
+    started = time.perf_counter()
+    window = {"loss": 0.0, "grad_norm": 0.0, "n": 0, "start": started}
+    exit_code, grid_path = 0, None
+    try:
+        with StopRequest() as stop, tqdm(total=t.steps, initial=step, desc="train", dynamic_ncols=True,
+                                         disable=None) as bar:
+            while step < t.steps and not stop.requested:
+                loss, grad_norm = step_fn(loss_fn)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss} at step {step + 1}; last good checkpoint kept")
+                step += 1
+                window["loss"] += loss
+                window["grad_norm"] += grad_norm
+                window["n"] += 1
+                last = step == t.steps
+                if step % t.log_every == 0 or last:
+                    now = time.perf_counter()
+                    mean_loss = window["loss"] / window["n"]
+                    images_per_s = window["n"] * t.batch_size / (now - window["start"])
+                    loss_history.append((step, mean_loss))
+                    logger.log({"loss": mean_loss, "lr": step_fn.lr, "grad_norm": window["grad_norm"] / window["n"],
+                                "images_per_s": images_per_s, "epoch": step * t.batch_size / len(dataset)}, step)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{images_per_s:.0f}")
+                    window = {"loss": 0.0, "grad_norm": 0.0, "n": 0, "start": time.perf_counter()}
+                if (t.sample_every and step % t.sample_every == 0) or last:
+                    grid_path = sample_grid()
+                if fid.due(step) or (last and fid.enabled):
+                    result = fid.evaluate(generate)
+                    tqdm.write(f"step {step}: {result}")
+                    logger.log({"fid": result.value}, step)
+                    if fid.record(step, result):
+                        save_state(run_dir / "checkpoints" / "best.pt")
+                if (t.checkpoint_every and step % t.checkpoint_every == 0) or last:
+                    save_state(run_dir / "checkpoints" / "last.pt")
+                bar.update(1)
+            if stop.requested:
+                save_state(run_dir / "checkpoints" / "last.pt")
+                exit_code = 130
+    except BaseException:
+        logger.finish(exit_code=1)
+        raise
+
+    wall = elapsed_before + time.perf_counter() - started
+    plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    losses = [loss for _, loss in loss_history[-4:]]
+    summary = {
+        "name": name, "group": group, "overrides": list(overrides), "run_dir": str(run_dir),
+        "device": str(device), "num_parameters": n_params, "dataset": cfg.data.name, "dataset_size": len(dataset),
+        "steps": step, "final_loss": sum(losses) / len(losses) if losses else None, "wall_time_s": wall,
+        "train_images_per_s": step * t.batch_size / wall if wall else None,
+        "last_grid": str(grid_path) if grid_path else None, "checkpoint": str(run_dir / "checkpoints" / "last.pt"),
+        **fid.summary(), "wandb": logger.info(), "interrupted": exit_code == 130,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if exit_code == 0:
+        logger.log_checkpoint(run_dir / "checkpoints" / "last.pt")
+    logger.finish(exit_code=exit_code)
+    if exit_code:
+        print(f"interrupted at step {step}; continue with train.resume={run_dir / 'checkpoints' / 'last.pt'}")
+        sys.exit(exit_code)
+    print(f"done: {step} steps in {wall:.0f}s, final loss {summary['final_loss']:.4f}, run dir {run_dir}")
+    return summary
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    group = None
+    if hc.mode == RunMode.MULTIRUN:  # one W&B group per sweep, named after the sweep dir
+        sweep = Path(hc.sweep.dir)
+        group = f"sweep-{sweep.parent.name}-{sweep.name}"
+    try:
+        train(cfg, Path(hc.runtime.output_dir), group=group, overrides=hc.overrides.task,
+              outputs_root=Path(hc.runtime.cwd) / "outputs")
+    except (ConfigError, UnknownChoiceError, DatasetNotFoundError) as error:
+        fail(str(error))
+
+
+HYDRA_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "--info", "-i", "--shell-completion", "-sc",
+               "-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir", "--resolve", "-p", "--package"}
+
+
+def main() -> None:
+    """Check every override before Hydra starts (one-line errors), then run."""
+    if not HYDRA_FLAGS.intersection(sys.argv[1:]):
+        check_overrides(sys.argv[1:])
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""End-to-end runs of `python -m diffusion_lab.train`: artefacts, resume, sweeps and bad overrides."""
+import json
+
+import pytest
+import torch
+
+from diffusion_lab import checkpoint
+from diffusion_lab.plots import read_metrics
+from diffusion_lab.train import train
+from tests.helpers import TINY, compose_config, run_cli
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    summary = train(compose_config(TINY + ["logger=wandb"]), run_dir, overrides=["tiny"])
+    return run_dir, summary
+
+
+def test_run_leaves_every_artefact(tiny_run):
+    run_dir, summary = tiny_run
+    for name in ["config.yaml", "metrics.jsonl", "loss.png", "summary.json", "checkpoints/last.pt"]:
+        assert (run_dir / name).is_file(), name
+    grids = sorted((run_dir / "samples").glob("step_*.png"))
+    assert [g.name for g in grids] == ["step_0000003.png", "step_0000006.png"]
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4, 6]
+    for key in ["loss", "lr", "grad_norm", "images_per_s"]:
+        assert all(r[key] > 0 for r in train_rows), key
+    assert summary["steps"] == 6 and summary["wandb"]["mode"] == "offline"
+    assert json.loads((run_dir / "summary.json").read_text())["final_loss"] == pytest.approx(summary["final_loss"])
+    assert list((run_dir / "wandb").glob("offline-run-*")), "an offline W&B run is written"
+
+
+def test_checkpoint_holds_everything_to_continue(tiny_run):
+    run_dir, _ = tiny_run
+    state = checkpoint.load(run_dir / "checkpoints" / "last.pt")
+    assert state["step"] == 6
+    assert state["data"] == {"epoch": 0, "index": 6}
+    assert state["train_step"]["optimizer"]["state"], "optimizer moments are saved"
+    assert state["train_step"]["ema"] is not None and state["config"]["train"]["steps"] == 6
+    assert {"torch", "python", "numpy", "noise_generator"} <= set(state["rng"])
+    assert [s for s, _ in state["loss_history"]] == [2, 4, 6]
+
+
+def test_resume_continues_exactly(tmp_path):
+    """6 steps straight == 3 steps, then resume to 6: same losses, same weights, same optimizer state."""
+    base = TINY + ["logger=none", "eval.every=0"]
+    straight = train(compose_config(base), tmp_path / "straight")
+    train(compose_config([o for o in base if not o.startswith("train.steps")] + ["train.steps=3"]), tmp_path / "a")
+    resumed = train(compose_config(base + [f"train.resume={tmp_path / 'a' / 'checkpoints' / 'last.pt'}"]),
+                    tmp_path / "b")
+    assert resumed["steps"] == straight["steps"] == 6
+    one = checkpoint.load(tmp_path / "straight" / "checkpoints" / "last.pt")
+    two = checkpoint.load(tmp_path / "b" / "checkpoints" / "last.pt")
+    assert one["loss_history"] == two["loss_history"]
+    for key, value in one["model"].items():
+        assert torch.equal(value, two["model"][key]), key
+    exp_avg = [s["exp_avg"] for s in one["train_step"]["optimizer"]["state"].values()]
+    exp_avg2 = [s["exp_avg"] for s in two["train_step"]["optimizer"]["state"].values()]
+    assert all(torch.equal(a, b) for a, b in zip(exp_avg, exp_avg2))
+    steps = [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")]
+    assert steps == [2, 4, 6], "the resumed run's metrics continue the earlier curve"
+
+
+def test_resume_auto_finds_matching_run(tmp_path):
+    base = TINY + ["logger=none", "eval.every=0", "train.steps=3"]
+    train(compose_config(base), tmp_path / "outputs" / "first")
+    cfg = compose_config([o for o in base if not o.startswith("train.steps")] + ["train.steps=4", "train.resume=auto"])
+    summary = train(cfg, tmp_path / "outputs" / "second", outputs_root=tmp_path / "outputs")
+    state = checkpoint.load(tmp_path / "outputs" / "second" / "checkpoints" / "last.pt")
+    assert summary["steps"] == 4 and [s for s, _ in state["loss_history"]] == [2, 3, 4]
+    other = compose_config(base + ["schedule=cosine", "train.resume=auto"])
+    assert checkpoint.find_resumable(other, [tmp_path / "outputs"]) is None, "a different schedule is not resumed"
+
+
+@pytest.mark.slow
+def test_cli_multirun_two_jobs_one_wandb_group(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli("diffusion_lab.train", ["-m", "schedule=linear,cosine", f"hydra.sweep.dir={sweep}",
+                                             "eval.every=0", *[o for o in TINY if not o.startswith("eval")]],
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/summary.json"))]
+    assert len(summaries) == 2
+    assert {s["wandb"]["group"] for s in summaries} == {f"sweep-{sweep.parent.name}-{sweep.name}"}
+    assert len({s["wandb"]["id"] for s in summaries}) == 2
+    names = [s["name"] for s in summaries]
+    assert sum("schedule=linear" in n for n in names) == sum("schedule=cosine" in n for n in names) == 1
+    for s in summaries:
+        assert list((sweep / s["run_dir"].split("/")[-1] / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("schedule=cosin", "unknown schedule 'cosin'; known: cosine, linear"),
+    ("model=cifar model.dropout=2", "model.dropout"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("data.image_size=6", "image_size"),
+    ("model.dropot=0.1", "dropot"),
+])
+def test_cli_bad_override_fails_in_one_line(tmp_path, override, needle):
+    result = run_cli("diffusion_lab.train", override.split() + ["logger=none"], cwd=tmp_path, timeout=120)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], result.stderr[-2000:]
+    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("last.pt"))
