@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Dict, List, Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -67,3 +68,57 @@ def plot_loss(metrics_path: Path, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def _to_image(images) -> np.ndarray:
+    """[N, C, H, W] in [-1, 1] -> one row of images as an H x (N*W) x 3 float array in [0, 1]."""
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images.detach().float().cpu().clamp(-1, 1), nrow=len(images), padding=1, pad_value=1.0)
+    return ((grid[:3] + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def image_rows(rows: Dict[str, "torch.Tensor"], column_titles: Sequence[str], path: Path, title: str) -> Path:
+    """A labelled figure: each entry of `rows` is a row of images [N, C, H, W], one column per title."""
+    fig, axes = plt.subplots(len(rows), 1, figsize=(1.1 * len(column_titles) + 1.5, 1.3 * len(rows) + 0.6),
+                             squeeze=False)
+    for ax, (label, images) in zip(axes[:, 0], rows.items()):
+        row = _to_image(images)
+        ax.imshow(row, interpolation="nearest")
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+        width = row.shape[1] / len(column_titles)
+        ax.set_xticks([width * (i + 0.5) for i in range(len(column_titles))])
+        ax.set_xticklabels(column_titles, fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def forward_diffusion(x0: "torch.Tensor", schedules: Dict[str, object], timesteps: Sequence[int], path: Path,
+                      seed: int = 0) -> Path:
+    """The same images noised to increasing t, one row per (schedule, image), with the same noise."""
+    import torch
+
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    rows = {}
+    for name, schedule in schedules.items():
+        for i, image in enumerate(x0):
+            t = torch.tensor(list(timesteps))
+            x_t, _ = schedule.to("cpu").add_noise(image.expand(len(t), *image.shape), t,
+                                                  noise[i].expand(len(t), *image.shape))
+            rows[f"{name} #{i}"] = x_t
+    return image_rows(rows, [f"t={t}" for t in timesteps], path, "forward diffusion q(x_t | x0)")
+
+
+def denoising_trajectory(trajectory, path: Path, num_images: int = 4) -> Path:
+    """x_t and x0_pred at the recorded sampler steps, for the first few images."""
+    import torch
+
+    rows = {}
+    for i in range(min(num_images, len(trajectory.x_t[0]))):
+        rows[f"x_t #{i}"] = torch.stack([x[i] for x in trajectory.x_t])
+        rows[f"x0_pred #{i}"] = torch.stack([x[i] for x in trajectory.x0_pred])
+    return image_rows(rows, [f"t={t}" for t in trajectory.timesteps], path, "denoising trajectory")

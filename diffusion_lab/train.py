@@ -30,8 +30,9 @@ from .fid import FIDTracker
 from .loggers import LOGGERS
 from .models import count_parameters
 from .optim import TrainStep, build_optimizer
-from .plots import plot_loss
-from .registry import UnknownChoiceError
+from .plots import denoising_trajectory, forward_diffusion, plot_curves, plot_loss
+from .registry import SCHEDULES, UnknownChoiceError
+from .samplers import Trajectory, num_evaluations
 
 
 class StopRequest:
@@ -84,6 +85,21 @@ def carry_metrics(previous_run: Path, run_dir: Path, up_to_step: int) -> None:
         return
     lines = [line for line in source.read_text().splitlines() if line and json.loads(line)["step"] <= up_to_step]
     (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+
+
+def write_pictures(cfg: DictConfig, dataset, parts, sample_model: torch.nn.Module, x_T: torch.Tensor,
+                   run_dir: Path) -> Dict[str, Path]:
+    """forward_diffusion.png (linear vs cosine on the same images) and trajectory.png (x_t, x0_pred)."""
+    T = parts.schedule.num_timesteps
+    schedules = {name: SCHEDULES.build(name, noise_steps=T) for name in ("linear", "cosine")}
+    x0 = torch.stack([dataset[i] for i in range(3)])
+    strip = forward_diffusion(x0, schedules, sorted({0, T // 20, T // 10, T // 5, 2 * T // 5, 7 * T // 10, T - 1}),
+                              run_dir / "forward_diffusion.png", seed=cfg.seed)
+    nfe = num_evaluations(cfg.sampler.name, params(cfg.sampler), T)
+    trajectory = Trajectory(at=np.linspace(0, nfe - 1, min(nfe, 8)).round().astype(int).tolist())
+    parts.sampler(sample_model, parts.schedule, parts.objective, x_T,
+                  generator=torch.Generator(device=x_T.device).manual_seed(cfg.seed), callback=trajectory)
+    return {"forward_diffusion": strip, "trajectory": denoising_trajectory(trajectory, run_dir / "trajectory.png")}
 
 
 def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides: Sequence[str] = (),
@@ -214,7 +230,12 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
         raise
 
     wall = elapsed_before + time.perf_counter() - started
-    plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    pictures = {"loss": plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png"),
+                **write_pictures(cfg, dataset, parts, ema.module, grid_noise[:4].to(device), run_dir)}
+    if fid.history:
+        pictures["fid"] = plot_curves({name: [{"step": s, "fid": v} for s, v in fid.history]}, "fid",
+                                      run_dir / "fid.png", fid.label or "FID")
+    logger.log_images(pictures, step)
     losses = [loss for _, loss in loss_history[-4:]]
     summary = {
         "name": name, "group": group, "overrides": list(overrides), "run_dir": str(run_dir),
