@@ -64,7 +64,7 @@ RULES: Sequence[Rule] = (
     _rule("objective.snr_gamma", float, _positive),
     _rule("sampler.steps", int, _positive),
     _rule("sampler.eta", float, _closed_unit),
-    _rule("sampler.spacing", str, _one_of("linspace", "leading", "trailing")),
+    _rule("sampler.spacing", str, _one_of("linspace", "leading", "trailing", "logsnr")),
     _rule("sampler.variance", str, _one_of("fixed_small", "fixed_large")),
     _rule("train.steps", int, _positive),
     _rule("train.batch_size", int, _positive),
