@@ -270,18 +270,18 @@ class DiffusionModel(_UNet):
     """
 
     def __init__(self, image_size: int, channels: int, hidden_dims: Sequence[int] = (32, 64, 128),
-                 time_dim: int = 128, num_heads: int = 4, norm_groups: int = 8):
+                 time_dim: int = 128, num_heads: int = 4, norm_groups: int = 8, dropout: float = 0.0):
         super().__init__()
         dims = self._setup(image_size, channels, hidden_dims)
         self.time_mlp = TimeEmbedding(time_dim)
         self.init_conv = conv3x3(channels, dims[0])
         self.down_blocks = nn.ModuleList(
-            DownBlock(c_in, c_out, time_dim, num_heads=num_heads, norm_groups=norm_groups)
+            DownBlock(c_in, c_out, time_dim, dropout=dropout, num_heads=num_heads, norm_groups=norm_groups)
             for c_in, c_out in zip(dims[:-1], dims[1:])
         )
-        self.bottleneck = Bottleneck(dims[-1], time_dim, num_heads=num_heads, norm_groups=norm_groups)
+        self.bottleneck = Bottleneck(dims[-1], time_dim, dropout=dropout, num_heads=num_heads, norm_groups=norm_groups)
         self.up_blocks = nn.ModuleList(
-            UpBlock(c_in, [c_in], c_out, time_dim, num_heads=num_heads, norm_groups=norm_groups)
+            UpBlock(c_in, [c_in], c_out, time_dim, dropout=dropout, num_heads=num_heads, norm_groups=norm_groups)
             for c_in, c_out in zip(reversed(dims[1:]), reversed(dims[:-1]))
         )
         self.out_norm = group_norm(norm_groups, dims[0], "out_norm")
@@ -340,9 +340,9 @@ class DiffusionModelCIFAR(_UNet):
 
 @MODELS.register("base")
 def build_base(image_size: int, channels: int, hidden_dims: Sequence[int] = (32, 64, 128), time_dim: int = 128,
-               num_heads: int = 4, norm_groups: int = 8) -> DiffusionModel:
+               num_heads: int = 4, norm_groups: int = 8, dropout: float = 0.0) -> DiffusionModel:
     return DiffusionModel(image_size, channels, list(hidden_dims), time_dim, num_heads=num_heads,
-                          norm_groups=norm_groups)
+                          norm_groups=norm_groups, dropout=dropout)
 
 
 @MODELS.register("cifar")

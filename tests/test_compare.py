@@ -1,0 +1,123 @@
+"""compare.py on a hand-written fake sweep: table, sorting, plots, csv, CLI exit codes. No training."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from diffusion_lab import compare as cmp
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCHEDULES = {"linear": {"name": "linear", "noise_steps": 1000, "beta_start": 1e-4, "beta_end": 0.02},
+             "cosine": {"name": "cosine", "noise_steps": 1000, "s": 0.008, "max_beta": 0.999}}
+
+
+def write_run(path, schedule, dropout, losses, fids, summary=True, device="cpu"):
+    """A run dir as train.py leaves it: config.yaml, metrics.jsonl, optionally summary.json."""
+    path.mkdir(parents=True)
+    config = {"seed": 0, "device": device, "run_name": f"run-{schedule}",
+              "data": {"name": "digits", "image_size": 8},
+              "model": {"name": "base", "hidden_dims": [16, 32], "dropout": dropout},
+              "schedule": SCHEDULES[schedule], "train": {"steps": 10, "lr": 1e-3, "resume": None},
+              "logger": {"name": "wandb", "mode": "offline" if summary else "disabled"}}
+    OmegaConf.save(OmegaConf.create(config), path / "config.yaml")
+    rows = [{"step": 2 * (i + 1), "loss": loss, "lr": 1e-3, "grad_norm": 1.0, "images_per_s": 100.0, "epoch": 0.1}
+            for i, loss in enumerate(losses)]
+    rows += [{"step": 2 * (i + 1), "fid": fid} for i, fid in enumerate(fids)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if summary:
+        (path / "summary.json").write_text(json.dumps({
+            "name": path.name, "overrides": [f"schedule={schedule}", f"model.dropout={dropout}"],
+            "run_dir": str(path), "steps": 2 * len(losses), "final_loss": losses[-1], "wall_time_s": 83.4,
+            "train_images_per_s": 1234.5, "fid_history": [[2 * (i + 1), f] for i, f in enumerate(fids)],
+            "best_fid": min(fids), "fid_label": "FID[clean, small, 64 samples vs digits custom stats (1797 images)]",
+            "interrupted": False}))
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    root = tmp_path / "multirun" / "2024-01-01" / "12-00-00"
+    # linear: higher loss, better FID; cosine: lower loss, worse FID -> the two metrics sort differently
+    write_run(root / "0_schedule=linear,model.dropout=0.0", "linear", 0.0, [0.9, 0.5, 0.25], [40.0, 20.0])
+    write_run(root / "1_schedule=cosine,model.dropout=0.1", "cosine", 0.1, [0.8, 0.4, 0.125], [50.0, 30.0],
+              device="cuda")
+    (root / "multirun.yaml").write_text("hydra: {}\n")
+    return root
+
+
+def data_lines(text):
+    return text.splitlines()[2:]  # header, dashes, then one line per run
+
+
+def test_table_shows_differing_keys_sorted_by_metric(sweep):
+    runs = cmp.find_runs([sweep])
+    keys = cmp.differing_keys(runs)
+    assert keys == ["model.dropout", "schedule"]  # not seed/data/hidden_dims, nor device/run_name/logger/train.resume
+    assert not any(k.startswith("schedule.") for k in keys)  # schedule.s etc. come with the schedule choice
+
+    text = cmp.table(runs, keys, "final_loss")
+    header = text.splitlines()[0].split()
+    assert header[:3] == ["run", "model.dropout", "schedule"] and "device" not in header
+    first, second = (line.split() for line in data_lines(text))
+    assert first[:4] == ["1", "0.1", "cosine", "0.1250"]
+    assert second[:4] == ["0", "0.0", "linear", "0.2500"]
+    assert first[4:] == ["30.00", "6", "1m23s", "1234"]  # best FID, steps, wall time, images/s
+
+    by_fid = [line.split()[2] for line in data_lines(cmp.table(runs, keys, "best_fid"))]
+    assert by_fid == ["linear", "cosine"]
+
+
+def test_compare_writes_plots_and_csv(sweep, tmp_path, capsys):
+    out = tmp_path / "report"
+    result = cmp.compare([sweep], out=out)
+    printed = capsys.readouterr().out
+    assert result["table"] in printed
+    assert printed.count("FID = FID[clean, small, 64 samples") == 1
+    assert {p.name for p in result["plots"]} == {"compare_loss.png", "compare_fid.png"}
+    for name in ("compare_loss.png", "compare_fid.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(result["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["schedule"], r["model.dropout"], float(r["final_loss"])) for r in rows] == [
+        ("cosine", "0.1", 0.125), ("linear", "0.0", 0.25)]
+    assert float(rows[0]["wall_time_s"]) == 83.4 and rows[0]["run_dir"].endswith("1_schedule=cosine,model.dropout=0.1")
+
+
+def test_run_without_summary_is_listed_and_marked(sweep, capsys):
+    write_run(sweep / "2_schedule=linear,model.dropout=0.1", "linear", 0.1, [0.3, 0.2, 0.1, 0.06, 0.04],
+              [25.0, 15.0], summary=False)
+    result = cmp.compare([sweep])
+    lines = data_lines(result["table"])
+    assert len(lines) == 3 and "note" in result["table"].splitlines()[0]
+    crashed = lines[0].split()  # mean of the last 4 logged losses = 0.1, the lowest
+    assert crashed[:7] == ["2", "0.1", "linear", "0.1000", "15.00", "10", "-"]
+    assert lines[0].endswith("no summary.json") and not lines[1].endswith("summary.json")
+    assert (sweep / "compare_loss.png").stat().st_size > 0 and (sweep / "compare.csv").is_file()
+
+
+def test_no_fid_skips_fid_plot(tmp_path, capsys):
+    write_run(tmp_path / "a", "linear", 0.0, [0.5, 0.2], [], summary=False)
+    write_run(tmp_path / "b", "cosine", 0.0, [0.5, 0.3], [], summary=False)
+    result = cmp.compare([tmp_path])
+    assert [p.name for p in result["plots"]] == ["compare_loss.png"]
+    assert not (tmp_path / "compare_fid.png").exists() and "compare_fid.png skipped" in capsys.readouterr().out
+
+
+def test_cli(sweep, tmp_path, capsys):
+    env = {**os.environ, "PYTHONPATH": REPO}
+    done = subprocess.run([sys.executable, "-m", "diffusion_lab.compare", str(sweep)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "cosine" in done.stdout and "linear" in done.stdout and "0.1250" in done.stdout
+    assert (sweep / "compare.csv").is_file()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        cmp.main([str(empty)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no runs") and err.count("\n") == 1
