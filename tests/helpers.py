@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
 from typing import List, Sequence
+
+import numpy as np
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -34,3 +37,38 @@ def run_cli(module: str, args: List[str], cwd: Path, timeout: int = 300) -> subp
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def write_tiny_cifar(root: Path, per_batch: int = 2) -> np.ndarray:
+    """The CIFAR-10 python format with ``per_batch`` images per file; returns the train data [N, 3072].
+
+    The real files are Python-2 pickles whose keys are py2 ``str``; torchvision unpickles them with
+    ``encoding="latin1"`` and so sees ``str`` keys ("data", "labels", ...). Seen with
+    ``encoding="bytes"`` they are b"data" etc. A Python-3 pickle of b"data" would stay bytes under
+    latin1, so the fixture writes the keys as ``str``: exactly what torchvision's code reads.
+    """
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    train = []
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
+        if name == "data_batch_1":
+            data[0, :] = 255  # first image all white
+            data[1, :] = 0  # second image all black
+            data[1, 0] = 255  # ... except red channel of pixel (0, 0)
+        if name.startswith("data_batch"):
+            train.append(data)
+        entry = {
+            "batch_label": f"tiny {name}".encode(),
+            "labels": [int(v) for v in rng.integers(0, 10, size=per_batch)],
+            "data": data,
+            "filenames": [f"img_{i}.png".encode() for i in range(per_batch)],
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f)
+    meta = {"num_cases_per_batch": per_batch, "label_names": [f"c{i}" for i in range(10)], "num_vis": 3072}
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump(meta, f)
+    return np.concatenate(train)

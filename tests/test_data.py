@@ -1,7 +1,6 @@
 """Datasets, the exactly resumable loader, and the image helpers (fast, no network)."""
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from diffusion_lab.data import (
     to_uint8,
 )
 from diffusion_lab.registry import DATASETS
+from tests.helpers import write_tiny_cifar
 
 
 @pytest.fixture(scope="module")
@@ -50,43 +50,8 @@ def test_digits_resized():
 # --------------------------------------------------------------------------------------------- cifar10
 
 
-def _write_tiny_cifar(root: Path, per_batch: int = 2) -> np.ndarray:
-    """The CIFAR-10 python format with ``per_batch`` images per file; returns the train data [N, 3072].
-
-    The real files are Python-2 pickles whose keys are py2 ``str``; torchvision unpickles them with
-    ``encoding="latin1"`` and so sees ``str`` keys ("data", "labels", ...). Seen with
-    ``encoding="bytes"`` they are b"data" etc. A Python-3 pickle of b"data" would stay bytes under
-    latin1, so the fixture writes the keys as ``str``: exactly what torchvision's code reads.
-    """
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    train = []
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    for name in names:
-        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
-        if name == "data_batch_1":
-            data[0, :] = 255  # first image all white
-            data[1, :] = 0  # second image all black
-            data[1, 0] = 255  # ... except red channel of pixel (0, 0)
-        if name.startswith("data_batch"):
-            train.append(data)
-        entry = {
-            "batch_label": f"tiny {name}".encode(),
-            "labels": [int(v) for v in rng.integers(0, 10, size=per_batch)],
-            "data": data,
-            "filenames": [f"img_{i}.png".encode() for i in range(per_batch)],
-        }
-        with open(folder / name, "wb") as f:
-            pickle.dump(entry, f)
-    meta = {"num_cases_per_batch": per_batch, "label_names": [f"c{i}" for i in range(10)], "num_vis": 3072}
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump(meta, f)
-    return np.concatenate(train)
-
-
 def test_cifar10_tiny_through_torchvision(tmp_path):
-    train = _write_tiny_cifar(tmp_path)
+    train = write_tiny_cifar(tmp_path)
     # the real files' md5s do not match a tiny fixture: the default (verified) load refuses it cleanly
     with pytest.raises(DatasetNotFoundError, match="corrupted"):
         build_dataset("cifar10", root=str(tmp_path), download=False)

@@ -1,5 +1,10 @@
 """End-to-end runs of `python -m diffusion_lab.train`: artefacts, resume, sweeps and bad overrides."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -7,7 +12,7 @@ import torch
 from diffusion_lab import checkpoint
 from diffusion_lab.plots import read_metrics
 from diffusion_lab.train import train
-from tests.helpers import TINY, compose_config, run_cli
+from tests.helpers import REPO, TINY, compose_config, run_cli, write_tiny_cifar
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +110,46 @@ def test_cli_bad_override_fails_in_one_line(tmp_path, override, needle):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and needle in lines[0], result.stderr[-2000:]
     assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("last.pt"))
+
+
+CIFAR_TINY = ["data=cifar10", "data.download=false", "data.verify_checksums=false", "data.image_size=8",
+              "model=cifar", "model.base_channels=32", "model.channel_mult=[1,2]", "model.num_res_blocks=1",
+              "model.attention_resolutions=[4]", "model.time_dim=64", "train.steps=2", "train.batch_size=8",
+              "train.num_grid_samples=4", "sampler.steps=3", "eval.every=0", "logger=none"]
+
+
+def test_cifar10_path_trains_on_tiny_cifar_format_data(tmp_path):
+    write_tiny_cifar(tmp_path / "cifar", per_batch=8)
+    summary = train(compose_config(CIFAR_TINY + [f"data.root={tmp_path / 'cifar'}"]), tmp_path / "run")
+    assert summary["dataset"] == "cifar10" and summary["dataset_size"] == 40 and summary["steps"] == 2
+    state = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert tuple(state["image_shape"]) == (3, 8, 8)
+
+
+def test_cli_cifar10_missing_says_where_to_put_it(tmp_path):
+    root = tmp_path / "nothing-here"
+    result = run_cli("diffusion_lab.train", CIFAR_TINY + [f"data.root={root}"], cwd=tmp_path, timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and len(lines) == 1, result.stderr[-2000:]
+    assert str(root) in lines[0] and "cifar-10-batches-py" in lines[0]
+
+
+@pytest.mark.slow
+def test_cli_ctrl_c_writes_a_checkpoint_and_exits_cleanly(tmp_path):
+    args = [o for o in TINY if not o.startswith("train.steps")] + [
+        "train.steps=100000", "eval.every=0", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "diffusion_lab.train", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    state = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert 4 <= state["step"] < 100000
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["interrupted"] and summary["steps"] == state["step"]
+    assert "train.resume=" in out
