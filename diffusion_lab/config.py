@@ -25,6 +25,16 @@ def fail(message: str, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
+def run_command(command: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> None:
+    """Run command(cfg, Hydra's output dir); a refused input ends with one line, not a traceback."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        command(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except (FileNotFoundError, ValueError) as error:
+        fail(str(error).splitlines()[0])
+
+
 def _options(group: str) -> List[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 

@@ -12,17 +12,14 @@ from pathlib import Path
 from typing import Dict, List
 
 import hydra
-import matplotlib
+from omegaconf import DictConfig, OmegaConf
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-
-from .build import resolve_device  # noqa: E402
-from .config import CONF_DIR, fail  # noqa: E402
-from .data import save_grid  # noqa: E402
-from .sample import generate, load_trained, make_fid_evaluator  # noqa: E402
-from .samplers import build_sampler, num_evaluations  # noqa: E402
+from .build import resolve_device
+from .config import CONF_DIR, run_command
+from .data import save_grid
+from .plots import plot_fid_vs_cost
+from .sample import generate, load_trained, make_fid_evaluator
+from .samplers import build_sampler, num_evaluations
 
 
 def sampler_settings(entry: DictConfig) -> Dict:
@@ -32,26 +29,6 @@ def sampler_settings(entry: DictConfig) -> Dict:
         known = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
         raise ValueError(f"unknown sampler '{entry.name}'; known: {known}")
     return OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(path), entry))
-
-
-def plot_cost(rows: List[Dict], path: Path, label: str) -> Path:
-    """FID against NFE (log x) and against seconds per image, one line per sampler."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name in sorted({r["sampler"] for r in rows}):
-        mine = sorted((r for r in rows if r["sampler"] == name), key=lambda r: r["nfe"])
-        for ax, key in zip(axes, ("nfe", "seconds_per_image")):
-            ax.plot([r[key] for r in mine], [r["fid"] for r in mine], marker="o", label=name)
-    for ax, xlabel in zip(axes, ("model evaluations (NFE)", "wall seconds per image")):
-        ax.set_xscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("FID")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(label, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def evaluate(cfg: DictConfig, run_dir: Path) -> List[Dict]:
@@ -84,19 +61,14 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> List[Dict]:
         writer.writerows(rows)
     (run_dir / "fid_vs_cost.json").write_text(json.dumps({"label": label, "checkpoint": str(cfg.checkpoint),
                                                           "step": trained.step, "rows": rows}, indent=2))
-    plot_cost(rows, run_dir / "fid_vs_cost.png", f"{label}, checkpoint step {trained.step}")
+    plot_fid_vs_cost(rows, run_dir / "fid_vs_cost.png", f"{label}, checkpoint step {trained.step}")
     print(f"{label}\nwrote {run_dir / 'fid_vs_cost.png'} and fid_vs_cost.csv")
     return rows
 
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
-    try:
-        evaluate(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (FileNotFoundError, ValueError) as error:
-        fail(str(error).splitlines()[0])
+    run_command(evaluate, cfg)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Pictures people would rather look at than read: loss and FID curves."""
+"""Pictures people would rather look at than read: curves, image strips, FID against sampling cost."""
 from __future__ import annotations
 
 import json
@@ -122,3 +122,23 @@ def denoising_trajectory(trajectory, path: Path, num_images: int = 4) -> Path:
         rows[f"x_t #{i}"] = torch.stack([x[i] for x in trajectory.x_t])
         rows[f"x0_pred #{i}"] = torch.stack([x[i] for x in trajectory.x0_pred])
     return image_rows(rows, [f"t={t}" for t in trajectory.timesteps], path, "denoising trajectory")
+
+
+def plot_fid_vs_cost(rows: List[Dict], path: Path, label: str) -> Path:
+    """FID against NFE (log x) and against seconds per image, one line per sampler."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name in sorted({r["sampler"] for r in rows}):
+        mine = sorted((r for r in rows if r["sampler"] == name), key=lambda r: r["nfe"])
+        for ax, key in zip(axes, ("nfe", "seconds_per_image")):
+            ax.plot([r[key] for r in mine], [r["fid"] for r in mine], marker="o", label=name)
+    for ax, xlabel in zip(axes, ("model evaluations (NFE)", "wall seconds per image")):
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("FID")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(label, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

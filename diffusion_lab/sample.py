@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .build import build_dataset, build_model, build_objective, build_sampler, build_schedule, resolve_device
-from .config import fail
+from .config import run_command
 from .data import save_grid, to_uint8
 from .fid import FIDEvaluator
 from .objectives import Objective
@@ -99,12 +99,7 @@ def sample(cfg: DictConfig, run_dir: Path) -> dict:
 
 @hydra.main(config_path="../conf", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
-    try:
-        sample(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (FileNotFoundError, ValueError) as error:
-        fail(str(error).splitlines()[0])
+    run_command(sample, cfg)
 
 
 if __name__ == "__main__":
