@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 from omegaconf import OmegaConf
 
-from .plots import ema_smooth, plot_curves, read_metrics
+from .plots import plot_curves, read_metrics, smooth
 
 IGNORED = ("logger", "train.resume", "run_name", "device")  # keys (and key prefixes) that never tell runs apart
 METRICS = ("final_loss", "best_fid")
@@ -231,13 +231,13 @@ def _labels(runs: Sequence[Run], keys: Sequence[str]) -> List[str]:
 def plot(runs: Sequence[Run], keys: Sequence[str], out: Path) -> List[Path]:
     """compare_loss.png always; compare_fid.png when some run has FID."""
     labels = _labels(runs, keys)
-    smooth = any(len(r.loss_points()[0]) > SMOOTH_ABOVE for r in runs)
+    smoothed = any(len(r.loss_points()[0]) > SMOOTH_ABOVE for r in runs)
     curves = {}
     for label, run in zip(labels, runs):
         steps, losses = run.loss_points()
-        values = ema_smooth(losses) if smooth else losses
+        values = smooth(losses) if smoothed else losses
         curves[label] = [{"step": s, "loss": v} for s, v in zip(steps, values)]
-    title = "training loss" + (" (EMA-smoothed)" if smooth else "")
+    title = "training loss" + (" (moving average)" if smoothed else "")
     written = [plot_curves(curves, "loss", out / "compare_loss.png", title, log_y=True)]
     fids = {label: [{"step": s, "fid": v} for s, v in zip(*r.fid_points())] for label, r in zip(labels, runs)}
     if any(fids.values()):

@@ -19,12 +19,13 @@ def read_metrics(path: Path) -> List[Dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def ema_smooth(values: Sequence[float], alpha: float = 0.9) -> List[float]:
-    out, running = [], None
-    for v in values:
-        running = v if running is None else alpha * running + (1 - alpha) * v
-        out.append(running)
-    return out
+def smooth(values: Sequence[float], fraction: float = 0.05) -> List[float]:
+    """Centred moving average over `fraction` of the points: no lag, unlike an EMA."""
+    half = max(1, int(len(values) * fraction / 2))
+    v = np.asarray(values, dtype=float)
+    sums = np.convolve(v, np.ones(2 * half + 1), mode="same")
+    counts = np.convolve(np.ones_like(v), np.ones(2 * half + 1), mode="same")
+    return (sums / counts).tolist()
 
 
 def plot_curves(runs: Dict[str, List[Dict]], key: str, path: Path, title: str, log_y: bool = False) -> Path:
@@ -58,7 +59,7 @@ def plot_loss(metrics_path: Path, path: Path) -> Path:
     if points:
         steps, losses = zip(*points)
         ax.plot(steps, losses, alpha=0.3, color="tab:blue", label="loss")
-        ax.plot(steps, ema_smooth(losses), color="tab:blue", label="smoothed")
+        ax.plot(steps, smooth(losses), color="tab:blue", label="smoothed")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_yscale("log")
