@@ -66,7 +66,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> List[Dict]:
     return rows
 
 
-@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run_command(evaluate, cfg)
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .build import build_dataset, build_model, build_objective, build_sampler, build_schedule, resolve_device
-from .config import run_command
+from .config import CONF_DIR, run_command
 from .data import save_grid, to_uint8
 from .fid import FIDEvaluator
 from .objectives import Objective
@@ -97,7 +97,7 @@ def sample(cfg: DictConfig, run_dir: Path) -> dict:
     return summary
 
 
-@hydra.main(config_path="../conf", config_name="sample", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run_command(sample, cfg)
 

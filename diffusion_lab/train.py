@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .build import build_components, build_dataset, params, resolve_device
-from .config import ConfigError, check_overrides, fail, validate
+from .config import CONF_DIR, ConfigError, check_overrides, fail, validate
 from .data import DatasetNotFoundError, ResumableLoader, save_grid
 from .ema import EMA
 from .fid import FIDTracker
@@ -256,7 +256,7 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
     return summary
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -285,4 +285,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Call main() of the importable module, not of __main__: launchers that pickle the task function
+    # (joblib) then pickle it by reference instead of by value.
+    from diffusion_lab.train import main as importable_main
+
+    importable_main()

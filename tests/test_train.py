@@ -81,9 +81,11 @@ def test_resume_auto_finds_matching_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_multirun_two_jobs_one_wandb_group(tmp_path):
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]],
+                         ids=["basic", "joblib"])
+def test_cli_multirun_two_jobs_one_wandb_group(tmp_path, launcher):
     sweep = tmp_path / "sweep"
-    result = run_cli("diffusion_lab.train", ["-m", "schedule=linear,cosine", f"hydra.sweep.dir={sweep}",
+    result = run_cli("diffusion_lab.train", ["-m", "schedule=linear,cosine", f"hydra.sweep.dir={sweep}", *launcher,
                                              "eval.every=0", *[o for o in TINY if not o.startswith("eval")]],
                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
