@@ -21,8 +21,10 @@ def read_metrics(path: Path) -> List[Dict]:
 
 def smooth(values: Sequence[float], fraction: float = 0.05) -> List[float]:
     """Centred moving average over `fraction` of the points: no lag, unlike an EMA."""
-    half = max(1, int(len(values) * fraction / 2))
+    half = min(max(1, int(len(values) * fraction / 2)), (len(values) - 1) // 2)
     v = np.asarray(values, dtype=float)
+    if half < 1:
+        return v.tolist()
     sums = np.convolve(v, np.ones(2 * half + 1), mode="same")
     counts = np.convolve(np.ones_like(v), np.ones(2 * half + 1), mode="same")
     return (sums / counts).tolist()
