@@ -148,8 +148,10 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
     config = OmegaConf.to_container(cfg, resolve=True)
     OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
     name = cfg.run_name or ",".join(overrides) or "default"
-    logger = LOGGERS.build(cfg.logger.name, run_dir=run_dir, config=config, name=name,
-                           group=cfg.logger.get("group") or group, run_id=run_id, **params(cfg.logger))
+    logger_params = params(cfg.logger)
+    group = logger_params.pop("group", None) or group
+    logger = LOGGERS.build(cfg.logger.name, run_dir=run_dir, config=config, name=name, group=group,
+                           run_id=run_id, **logger_params)
     n_params = count_parameters(model)
     c, h, w = parts.image_shape
     print(f"diffusion_lab | device {device} | model {cfg.model.name} {n_params / 1e6:.2f}M params | "
