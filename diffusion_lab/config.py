@@ -29,6 +29,9 @@ def run_command(command: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> 
     """Run command(cfg, Hydra's output dir); a refused input ends with one line, not a traceback."""
     from hydra.core.hydra_config import HydraConfig
 
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        fail(f"{missing[0]} is required: add {missing[0]}=...")
     try:
         command(cfg, Path(HydraConfig.get().runtime.output_dir))
     except (FileNotFoundError, ValueError) as error:
@@ -108,7 +111,10 @@ def _typed(value: Any, kind: type) -> bool:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError (one line) for the first value of the wrong type or out of range."""
+    """Raise ConfigError (one line) for a missing required value, or one of the wrong type or range."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]} is required: add {missing[0]}=...")
     for key, kind, ok, expected in RULES:
         value = OmegaConf.select(cfg, key, default=None)
         if value is None:

@@ -12,10 +12,15 @@ sklearn digits with plain eps-MSE on the DDPM linear schedule, and both do a ful
                      Left out: the data loader (both pipelines use the fixed batch), tqdm, and
                      accelerator.wait_for_everyone() (a no-op on one process).
 
-Timing: warm-up steps, then rounds of A then B, --steps-per-round steps each, timed with perf_counter (after a
-CUDA synchronize). Reports each pipeline's median steps/s over rounds and the median per-round ratio A/B.
+Timing: warm-up steps, then rounds of A and B, --steps-per-round steps each, timed with perf_counter (after a
+CUDA synchronize), the order flipped every round (A B, B A, ...). Reports each pipeline's median steps/s over
+rounds and the median of the per-round ratios A/B.
 
-    PYTHONPATH=/path/to/peer python experiments/bench_vs_peer.py --device cpu
+Precision: fp32 on CPU. On CUDA both run in bf16 autocast (fp16 on GPUs without bf16): A through TrainStep
+(precision="auto", channels_last weights as train.py sets them), B through Accelerator(mixed_precision=...).
+
+    pip install denoising-diffusion-pytorch   # the peer; the script installs nothing
+    python experiments/bench_vs_peer.py       # see --help; exit code 2 when the peer is missing
 """
 from __future__ import annotations
 
@@ -139,10 +144,14 @@ def loss_check(lab_net: nn.Module, diffusion: nn.Module, x0: torch.Tensor, devic
 
 
 def run_rounds(pipelines: Dict[str, Callable[[], float]], rounds: int, steps: int, sync: Callable[[], None]):
-    """rounds x (A then B, `steps` steps each) -> {name: [seconds per round]}."""
+    """rounds x (A B, then B A on odd rounds; `steps` steps each) -> {name: [seconds per round]}.
+
+    Flipping the order every round keeps "always runs first" from biasing the ratio.
+    """
     times: Dict[str, List[float]] = {name: [] for name in pipelines}
-    for _ in range(rounds):
-        for name, step in pipelines.items():
+    for r in range(rounds):
+        order = list(pipelines.items())
+        for name, step in order[::-1] if r % 2 else order:
             sync()
             start = time.perf_counter()
             for _ in range(steps):
@@ -171,11 +180,15 @@ def main() -> int:
                         help="peer-unet: Unet(dim=32, dim_mults=(1, 2, 4)); lab-base: DiffusionModel [32, 64, 128]")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=16, choices=[16, 32])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps-per-round", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per pipeline before the rounds")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--steps-per-round", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed steps per pipeline before the rounds (the first gives the step-0 loss)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    for flag in ("batch_size", "rounds", "steps_per_round", "warmup"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
 
     try:
         from denoising_diffusion_pytorch import GaussianDiffusion
@@ -183,6 +196,8 @@ def main() -> int:
         print(f"bench_vs_peer: the peer is not importable ({error}); pip install denoising-diffusion-pytorch")
         return 2
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device available")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     if device.type == "cuda":  # global, so both pipelines get it (train.py sets the same)
@@ -227,15 +242,17 @@ def main() -> int:
     print(f"{'pipeline':<15}{'median steps/s':>16}{'min':>9}{'max':>9}{'median img/s':>15}")
     for name, r in rates.items():
         print(f"{name:<15}{median[name]:>16.2f}{min(r):>9.2f}{max(r):>9.2f}{median[name] * args.batch_size:>15.0f}")
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratio, ratio, ratio)
     print(f"per-round ratios A/B: {' '.join(f'{x:.3f}' for x in ratios)}")
-    print(f"diffusion_lab is {ratio:.2f}x the peer's speed (median of per-round ratios)")
+    print(f"diffusion_lab is {ratio:.2f}x the peer's speed (median of per-round ratios; "
+          f"interquartile range {q1:.2f}-{q3:.2f})")
 
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "machine": info, "config": config, "loss_check": check, "step0_loss": first,
             "seconds_per_round": times, "steps_per_s": rates, "median_steps_per_s": median,
-            "ratios": ratios, "ratio_lab_over_peer": ratio}, indent=2))
+            "ratios": ratios, "ratio_lab_over_peer": ratio, "ratio_iqr": [q1, q3]}, indent=2))
     return 0
 
 

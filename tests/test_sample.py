@@ -70,3 +70,5 @@ def test_sample_cli(checkpoints, tmp_path):
     assert np.load(tmp_path / "out" / "samples.npz")["images"].shape == (5, 8, 8, 1)
     missing = run_cli("diffusion_lab.sample", [f"checkpoint={tmp_path / 'nope.pt'}"], cwd=tmp_path)
     assert missing.returncode != 0 and "no checkpoint at" in missing.stderr
+    unset = run_cli("diffusion_lab.sample", [], cwd=tmp_path)
+    assert unset.returncode != 0 and unset.stderr.strip() == "error: checkpoint is required: add checkpoint=..."

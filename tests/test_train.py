@@ -105,6 +105,7 @@ def test_cli_multirun_two_jobs_one_wandb_group(tmp_path, launcher):
     ("train.batch_size=0", "train.batch_size"),
     ("data.image_size=6", "image_size"),
     ("model.dropot=0.1", "dropot"),
+    ("data=folder", "data.root is required"),
 ])
 def test_cli_bad_override_fails_in_one_line(tmp_path, override, needle):
     result = run_cli("diffusion_lab.train", override.split() + ["logger=none"], cwd=tmp_path, timeout=120)
