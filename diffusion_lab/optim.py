@@ -21,11 +21,11 @@ def build_optimizer(
     weight_decay: float = 0.0,
     device: Optional[torch.device] = None,
 ) -> torch.optim.Optimizer:
-    """Adam or AdamW; the fused CUDA kernel when on a GPU."""
+    """Adam or AdamW, with the fused kernel on CPU and CUDA (one kernel for all parameters)."""
     classes = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
     if name not in classes:
         raise ValueError(f"unknown optimizer '{name}'; known: {', '.join(sorted(classes))}")
-    fused = device is not None and torch.device(device).type == "cuda"
+    fused = device is not None and torch.device(device).type in ("cpu", "cuda")
     return classes[name](params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=fused or None)
 
 
@@ -75,7 +75,8 @@ class TrainStep:
         self.lr_scheduler.step()
         if self.ema is not None:
             self.ema.update(self.model)
-        return loss.item(), grad_norm.item()
+        loss_value, grad_norm_value = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()  # one sync
+        return loss_value, grad_norm_value
 
     @property
     def lr(self) -> float:

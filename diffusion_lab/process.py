@@ -104,7 +104,7 @@ class DiffusionProcess(_Process):
         self.beta_start, self.beta_end = beta_start, beta_end
         model = DiffusionModel(image_size, channels, list(hidden_dims)).to(device)
         super().__init__(image_size, channels, cosine(noise_steps), model,
-                         torch.optim.Adam(model.parameters(), lr=1e-4), device)
+                         build_optimizer(model.parameters(), "adam", lr=1e-4, device=device), device)
 
 
 class DiffusionProcessCIFAR(_Process):

@@ -16,6 +16,8 @@ Timing: warm-up steps, then rounds of A and B, --steps-per-round steps each, tim
 CUDA synchronize), the order flipped every round (A B, B A, ...). Reports each pipeline's median steps/s over
 rounds and the median of the per-round ratios A/B.
 
+Optimizer: Adam(lr=1e-4, betas=(0.9, 0.99)) for both, each built the way its project builds it: A through
+build_optimizer (the fused kernel on CUDA), B as torch.optim.Adam (foreach on CUDA); the same code on CPU.
 Precision: fp32 on CPU. On CUDA both run in bf16 autocast (fp16 on GPUs without bf16): A through TrainStep
 (precision="auto", channels_last weights as train.py sets them), B through Accelerator(mixed_precision=...).
 
