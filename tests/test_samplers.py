@@ -31,7 +31,7 @@ from diffusion_lab.samplers import (
     num_evaluations,
     timesteps,
 )
-from diffusion_lab.schedules import linear
+from diffusion_lab.schedules import cosine, linear
 
 MU, S = 0.3, 0.2  # the Gaussian data
 MIX = ([0.3, 0.7], [-0.5, 0.4], [0.1, 0.15])  # weights, means, stds of the two-mode mixture
@@ -535,3 +535,19 @@ def test_logsnr_spacing_takes_equal_steps_in_lambda(schedule, steps):
 def test_logsnr_spacing_needs_the_schedule():
     with pytest.raises(ValueError, match="needs the schedule"):
         timesteps(100, 10, "logsnr")
+
+
+def test_clip_x0_contains_ddim_eps_error_amplification_under_cosine():
+    """Under cosine, alpha_bar_{T-1} = 2.4e-9: x0 = (x_t - b eps)/a turns an eps error d into d/a ~ 2e4 d.
+    Clamp-at-the-end-only lets that through; clipping x0_pred every step (the app's config default) does not."""
+    schedule = cosine(1000)
+    exact = ExactDenoiser(schedule, [1.0], [MU], [S])
+
+    def slightly_wrong(x_t, t):
+        return exact(x_t, t) + 0.01  # a model with a small bias in eps_pred
+
+    x = torch.randn(512, 1, 2, 2, generator=_gen(3), dtype=torch.float64)
+    free = ddim(slightly_wrong, schedule, EpsObjective(), x, steps=20, clip_x0=False, clamp_final=False)
+    clipped = ddim(slightly_wrong, schedule, EpsObjective(), x, steps=20, clip_x0=True, clamp_final=False)
+    assert (free - MU).abs().mean() > 5 * S, "the unclipped sample blows up"
+    assert abs(clipped.mean().item() - MU) < 0.1 and abs(clipped.std().item() - S) < 0.1
