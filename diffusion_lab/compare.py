@@ -194,7 +194,7 @@ def _show(value: Any, fmt: str = "") -> str:
 
 def table(runs: Sequence[Run], keys: Sequence[str], metric: str = "final_loss") -> str:
     """Aligned plain-text table: run id, differing keys, results; sorted by `metric`, missing values last."""
-    formats = {"final loss": ".4f", "best FID": ".2f", "images/s": ".0f"}
+    formats = {"final loss": ".4f", "best FID": ".4g", "images/s": ".0f"}
     columns = ["run", *keys, *RESULTS, *(["note"] if any(r.note for r in runs) else [])]
     rows = []
     for run in _sort(runs, metric):
