@@ -1,4 +1,5 @@
-"""Config -> registry builds -> components. The only place that reads a component's config node."""
+"""Config -> registry builds -> components: the one place that turns the data, model, schedule,
+objective and sampler config nodes into objects."""
 from __future__ import annotations
 
 from dataclasses import dataclass

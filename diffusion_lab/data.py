@@ -154,10 +154,9 @@ def cifar10(
     image_size: int = 32,
     root: Optional[str] = None,
     download: bool = True,
-    train: bool = True,
     verify_checksums: bool = True,
 ) -> TransformImageDataset:
-    """CIFAR-10 (50k train images by default) through torchvision's loader, RGB, hflip True.
+    """CIFAR-10's 50k train images through torchvision's loader, RGB, hflip True.
 
     ``verify_checksums=False`` loads through the very same torchvision code but with the per-file md5
     values set to None (torchvision's ``check_integrity`` then only checks that the files exist): for
@@ -185,7 +184,7 @@ def cifar10(
     cls = CIFAR10 if verify_checksums else _cifar10_without_checksums()
     tfs = ([T.Resize(image_size, antialias=True)] if image_size != 32 else []) + _to_minus_one_one(3)
     try:
-        base = cls(root, train=train, transform=T.Compose(tfs), download=False)
+        base = cls(root, train=True, transform=T.Compose(tfs), download=False)
     except (RuntimeError, OSError, EOFError, KeyError, ValueError) as err:
         raise _cifar10_missing(root, f"files missing or corrupted: {type(err).__name__}: {err}") from err
     return TransformImageDataset(base, name="cifar10", channels=3, image_size=image_size, hflip=True)
