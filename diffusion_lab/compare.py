@@ -12,7 +12,6 @@ import json
 import math
 import os
 import sys
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -242,7 +241,7 @@ def plot(runs: Sequence[Run], keys: Sequence[str], out: Path) -> List[Path]:
     fids = {label: [{"step": s, "fid": v} for s, v in zip(*r.fid_points())] for label, r in zip(labels, runs)}
     if any(fids.values()):
         said = fid_labels(runs)
-        title = textwrap.fill(said[0].removeprefix("FID = "), 60) if len(said) == 1 else "FID (see the table)"
+        title = said[0].removeprefix("FID = ") if len(said) == 1 else "FID (see the table)"
         written.append(plot_curves(fids, "fid", out / "compare_fid.png", title))
     return written
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Dict, List, Sequence
 
@@ -41,7 +42,7 @@ def plot_curves(runs: Dict[str, List[Dict]], key: str, path: Path, title: str, l
         ax.plot(steps, values, label=label, marker="o" if len(points) < 20 else None)
     ax.set_xlabel("step")
     ax.set_ylabel(key)
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, 60), fontsize=10)
     if log_y:
         ax.set_yscale("log")
     if len(runs) > 1:
