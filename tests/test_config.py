@@ -74,3 +74,10 @@ def test_validate_rejects_bad_values(override, needle):
 def test_validate_accepts_defaults():
     validate(compose_config())
     assert OmegaConf.select(compose_config(), "train.steps") > 0
+
+
+def test_cifar_model_brings_cifar10_unless_data_is_given():
+    """`python -m diffusion_lab.train model=cifar schedule=linear` trains on CIFAR-10 (the headline command)."""
+    assert compose_config(["model=cifar", "schedule=linear"]).data.name == "cifar10"
+    assert compose_config(["model=cifar", "data=digits"]).data.name == "digits"
+    assert compose_config([]).data.name == "digits"
