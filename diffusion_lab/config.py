@@ -29,10 +29,8 @@ def run_command(command: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> 
     """Run command(cfg, Hydra's output dir); a refused input ends with one line, not a traceback."""
     from hydra.core.hydra_config import HydraConfig
 
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        fail(f"{missing[0]} is required: add {missing[0]}=...")
     try:
+        check_required(cfg)
         command(cfg, Path(HydraConfig.get().runtime.output_dir))
     except (FileNotFoundError, ValueError) as error:
         fail(str(error).splitlines()[0])
@@ -110,11 +108,16 @@ def _typed(value: Any, kind: type) -> bool:
     return isinstance(value, kind)
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError (one line) for a missing required value, or one of the wrong type or range."""
+def check_required(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first `???` value that was not given."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{missing[0]} is required: add {missing[0]}=...")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError (one line) for a missing required value, or one of the wrong type or range."""
+    check_required(cfg)
     for key, kind, ok, expected in RULES:
         value = OmegaConf.select(cfg, key, default=None)
         if value is None:
