@@ -65,5 +65,6 @@ def build_components(cfg: DictConfig, device: torch.device, image_size: int, cha
     )
 
 
-def build_dataset(cfg: DictConfig):
-    return data.build_dataset(cfg.data.name, **params(cfg.data))
+def build_dataset(cfg: DictConfig, split: str = "train"):
+    """The configured dataset's ``split``: ``train`` (what training reads) or ``test`` (held out)."""
+    return data.build_dataset(cfg.data.name, split=split, **params(cfg.data))

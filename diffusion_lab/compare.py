@@ -1,8 +1,10 @@
-"""`python -m diffusion_lab.compare SWEEP_DIR [MORE_DIRS...]`: one table and two plots for a set of runs.
+"""`python -m diffusion_lab.compare SWEEP_DIR [MORE_DIRS...]`: tables and two plots for a set of runs.
 
-Finds every run dir under the given paths, shows only the config values that differ between them, then the
-results (final loss, best FID, steps, wall time, images/s), sorted by the chosen metric. Writes
-compare_loss.png, compare_fid.png and compare.csv.
+Finds every run dir under the given paths and shows only the config values that differ between them. Runs
+that differ only in `seed` are one setting: the settings table gives mean +- standard error and n of best
+FID, final FID and final loss, sorted by best FID, and says which differences between settings are beyond
+seed noise (Welch's t-test). A per-run table follows. images/s counts training steps only. Writes
+compare_loss.png, compare_fid.png (with the noise floor) and compare.csv (one row per run).
 """
 from __future__ import annotations
 
@@ -14,17 +16,20 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import yaml
 from omegaconf import OmegaConf
 
 from .plots import plot_curves, read_metrics, smooth
 
 IGNORED = ("logger", "train.resume", "run_name", "device")  # keys (and key prefixes) that never tell runs apart
-METRICS = ("final_loss", "best_fid")
-RESULTS = {"final loss": "final_loss", "best FID": "best_fid", "steps": "steps", "wall time": "wall_time_s",
-           "images/s": "train_images_per_s"}  # table header -> Run attribute
+METRICS = ("best_fid", "final_fid", "final_loss")
+RESULTS = {"final loss": "final_loss", "best FID": "best_fid", "final FID": "final_fid", "FID floor": "fid_floor",
+           "steps": "steps", "wall time": "wall_time_s", "images/s": "train_images_per_s"}  # header -> Run attribute
+SEED = "seed"  # runs that differ only in this key are one setting
+ALPHA = 0.05  # significance level of the Welch's t-tests between settings
 SMOOTH_ABOVE = 50  # loss curves with more points than this are EMA-smoothed
 
 
@@ -53,6 +58,16 @@ class Run:
         if self.summary:
             return self.summary.get("best_fid")
         return min(self.fid_points()[1], default=None)
+
+    @property
+    def final_fid(self) -> Optional[float]:
+        if self.summary and "final_fid" in self.summary:
+            return self.summary["final_fid"]
+        return (self.fid_points()[1] or (None,))[-1]
+
+    @property
+    def fid_floor(self) -> Optional[float]:
+        return self._from_summary("fid_floor")
 
     @property
     def steps(self) -> Optional[int]:
@@ -191,20 +206,108 @@ def _show(value: Any, fmt: str = "") -> str:
     return format(value, fmt)
 
 
-def table(runs: Sequence[Run], keys: Sequence[str], metric: str = "final_loss") -> str:
-    """Aligned plain-text table: run id, differing keys, results; sorted by `metric`, missing values last."""
-    formats = {"final loss": ".4f", "best FID": ".4g", "images/s": ".0f"}
-    columns = ["run", *keys, *RESULTS, *(["note"] if any(r.note for r in runs) else [])]
-    rows = []
-    for run in _sort(runs, metric):
-        row = [run.name, *(_show(run.config.get(k)) for k in keys)]
-        row += [_duration(run.wall_time_s) if h == "wall time" else _show(getattr(run, a), formats.get(h, ""))
-                for h, a in RESULTS.items()]
-        rows.append(row + ([run.note or ""] if "note" in columns else []))
+def _aligned(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(c)) for c in column) for column in zip(columns, *rows)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [columns, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+FORMATS = {"final loss": ".4f", "best FID": ".4g", "final FID": ".4g", "FID floor": ".4g", "images/s": ".0f"}
+
+
+def table(runs: Sequence[Run], keys: Sequence[str], metric: str = "best_fid") -> str:
+    """Aligned plain-text table: run id, differing keys, results; sorted by `metric`, missing values last."""
+    columns = ["run", *keys, *RESULTS, *(["note"] if any(r.note for r in runs) else [])]
+    rows = []
+    for run in _sort(runs, metric):
+        row = [run.name, *(_show(run.config.get(k)) for k in keys)]
+        row += [_duration(run.wall_time_s) if h == "wall time" else _show(getattr(run, a), FORMATS.get(h, ""))
+                for h, a in RESULTS.items()]
+        rows.append(row + ([run.note or ""] if "note" in columns else []))
+    return _aligned(columns, rows)
+
+
+@dataclass
+class Setting:
+    """Runs with the same config apart from `seed`."""
+
+    values: Dict[str, Any]
+    runs: List[Run]
+
+    def sample(self, metric: str) -> np.ndarray:
+        return np.array([v for v in (getattr(r, metric) for r in self.runs) if v is not None], dtype=float)
+
+    def stats(self, metric: str) -> Tuple[Optional[float], Optional[float], int]:
+        """(mean, standard error of the mean, n); the error is None below two values."""
+        x = self.sample(metric)
+        if len(x) == 0:
+            return None, None, 0
+        se = float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else None
+        return float(x.mean()), se, len(x)
+
+    def name(self) -> str:
+        return ", ".join(f"{k}={_show(v)}" for k, v in self.values.items()) or "all runs"
+
+
+def settings(runs: Sequence[Run], keys: Sequence[str]) -> List[Setting]:
+    """The runs grouped by their values of `keys` other than `seed`, in order of first appearance."""
+    keys = [k for k in keys if k != SEED]
+    groups: Dict[str, Setting] = {}
+    for run in runs:
+        values = {k: run.config.get(k) for k in keys}
+        groups.setdefault(_key(values), Setting(values, [])).runs.append(run)
+    return list(groups.values())
+
+
+def welch(a: np.ndarray, b: np.ndarray) -> Optional[float]:
+    """Two-sided p-value of Welch's t-test (unequal variances); None when a side has fewer than two values."""
+    from scipy import stats
+
+    if len(a) < 2 or len(b) < 2:
+        return None
+    p = stats.ttest_ind(a, b, equal_var=False).pvalue
+    return None if math.isnan(p) else float(p)
+
+
+def _mean_se(stats: Tuple[Optional[float], Optional[float], int], fmt: str) -> str:
+    mean, se, _ = stats
+    if mean is None:
+        return "-"
+    return format(mean, fmt) + (f" ± {se:{fmt}}" if se is not None else "")
+
+
+def settings_table(groups: Sequence[Setting], metric: str = "best_fid") -> str:
+    """One row per setting: its values, n, mean ± s.e. of each metric, mean steps/s; sorted by `metric`."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, not {metric!r}")
+    keys = list(groups[0].values) if groups else []
+    heads = {"best FID": "best_fid", "final FID": "final_fid", "final loss": "final_loss"}
+    ordered = sorted(groups, key=lambda g: (g.stats(metric)[0] is None, g.stats(metric)[0] or 0.0))
+    rows = []
+    for g in ordered:
+        row = [_show(g.values[k]) for k in keys] + [str(len(g.runs))]
+        row += [_mean_se(g.stats(a), FORMATS[h]) for h, a in heads.items()]
+        row += [_show(g.stats("fid_floor")[0], ".4g"), _show(g.stats("train_images_per_s")[0], ".0f")]
+        rows.append(row)
+    return _aligned([*keys, "n", *(f"{h} (mean ± s.e.)" for h in heads), "FID floor", "images/s"], rows)
+
+
+def noise_statements(groups: Sequence[Setting], metric: str = "best_fid", alpha: float = ALPHA) -> List[str]:
+    """Plain statements of which settings differ in `metric` beyond seed noise: Welch's t-test per pair."""
+    if len(groups) < 2:
+        return []
+    lines = [f"{metric}: Welch's t-test per pair of settings (two-sided, alpha {alpha}, no correction for "
+             f"{len(groups) * (len(groups) - 1) // 2} comparisons):"]
+    for i, a in enumerate(groups):
+        for b in groups[i + 1:]:
+            p = welch(a.sample(metric), b.sample(metric))
+            if p is None:
+                verdict = "cannot tell: needs at least 2 seeds on each side"
+            else:
+                verdict = f"{'different' if p < alpha else 'within noise'} (p={p:.3g})"
+            lines.append(f"  {a.name()}  vs  {b.name()}: {verdict}")
+    return lines
 
 
 def fid_labels(runs: Sequence[Run]) -> List[str]:
@@ -227,6 +330,12 @@ def _labels(runs: Sequence[Run], keys: Sequence[str]) -> List[str]:
     return labels
 
 
+def floors(runs: Sequence[Run]) -> Dict[str, float]:
+    """{legend: value} of the distinct noise floors of the runs' FIDs."""
+    found = {(r.fid_floor, (r.summary or {}).get("fid_floor_n")) for r in runs if r.fid_floor is not None}
+    return {f"floor (real train images, n={n})": v for v, n in sorted(found, key=str)}
+
+
 def plot(runs: Sequence[Run], keys: Sequence[str], out: Path) -> List[Path]:
     """compare_loss.png always; compare_fid.png when some run has FID."""
     labels = _labels(runs, keys)
@@ -242,7 +351,7 @@ def plot(runs: Sequence[Run], keys: Sequence[str], out: Path) -> List[Path]:
     if any(fids.values()):
         said = fid_labels(runs)
         title = said[0].removeprefix("FID = ") if len(said) == 1 else "FID (see the table)"
-        written.append(plot_curves(fids, "fid", out / "compare_fid.png", title))
+        written.append(plot_curves(fids, "fid", out / "compare_fid.png", title, floors=floors(runs)))
     return written
 
 
@@ -259,8 +368,9 @@ def write_csv(runs: Sequence[Run], keys: Sequence[str], metric: str, path: Path)
     return Path(path)
 
 
-def compare(paths: Sequence[Path], out: Optional[Path] = None, metric: str = "final_loss") -> Dict[str, Any]:
-    """Print the table and FID label, write plots and csv into `out` (default: the first path)."""
+def compare(paths: Sequence[Path], out: Optional[Path] = None, metric: str = "best_fid") -> Dict[str, Any]:
+    """Print the settings table, the noise statements, the per-run table and the FID label; write plots and
+    csv into `out` (default: the first path)."""
     runs = find_runs(paths)
     if not runs:
         where = ", ".join(map(str, paths))
@@ -268,8 +378,11 @@ def compare(paths: Sequence[Path], out: Optional[Path] = None, metric: str = "fi
     keys = differing_keys(runs)
     out = Path(out or paths[0])
     out.mkdir(parents=True, exist_ok=True)
+    groups = settings(runs, keys)
+    summary_text = settings_table(groups, metric)
+    statements = noise_statements(groups, metric)
     text = table(runs, keys, metric)
-    print(text)
+    print("\n".join([summary_text, "", *statements, *([""] if statements else []), text]))
     for line in fid_labels(runs):
         print(line)
     plots = plot(runs, keys, out)
@@ -277,14 +390,17 @@ def compare(paths: Sequence[Path], out: Optional[Path] = None, metric: str = "fi
         print("no run has FID values: compare_fid.png skipped")
     csv_path = write_csv(runs, keys, metric, out / "compare.csv")
     print(f"wrote {', '.join(p.name for p in [*plots, csv_path])} to {out}")
-    return {"table": text, "fid_labels": fid_labels(runs), "plots": plots, "csv": csv_path, "runs": runs}
+    return {"table": text, "settings_table": summary_text, "statements": statements, "settings": groups,
+            "fid_labels": fid_labels(runs), "plots": plots, "csv": csv_path, "runs": runs}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m diffusion_lab.compare", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", type=Path, help="sweep dirs, run dirs, or any dir above them")
     parser.add_argument("--out", type=Path, help="where the plots and compare.csv go (default: the first path)")
-    parser.add_argument("--metric", choices=METRICS, default="final_loss", help="sort the table by this")
+    parser.add_argument("--metric", choices=METRICS, default="best_fid",
+                        help="sort by this and test it between settings (losses of different schedules or "
+                             "objectives are not comparable)")
     args = parser.parse_args(argv)
     try:
         compare(args.paths, args.out, args.metric)

@@ -95,7 +95,8 @@ RULES: Sequence[Rule] = (
     _rule("eval.num_samples", int, _positive),
     _rule("eval.batch_size", int, _positive),
     _rule("eval.mode", str, _one_of("clean", "legacy_pytorch", "legacy_tensorflow")),
-    _rule("eval.feature_extractor", str, _one_of("inception", "small")),
+    _rule("eval.reference", str, _one_of("test", "train")),
+    _rule("eval.feature_extractor", str, _one_of("auto", "inception", "digits", "small")),
     _rule("eval.fallback", str, _one_of("small", "none")),
 )
 

@@ -2,7 +2,10 @@
 
 Every dataset builder is registered in ``DATASETS`` and returns an ``ImageDataset``: a
 ``torch.utils.data.Dataset`` whose items are image tensors only (no labels) and which carries
-``.name``, ``.channels``, ``.image_size`` and ``.hflip`` (whether random horizontal flips make sense).
+``.name``, ``.split``, ``.channels``, ``.image_size`` and ``.hflip`` (whether random horizontal flips
+make sense). Every builder takes ``split``: ``train`` (what training reads) or ``test`` (held out, the
+default FID reference): digits a seeded class-stratified split, CIFAR-10 the official one, a folder its
+``val/`` subfolder or a seeded fraction of its files.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_FOLDER = "cifar-10-batches-py"
 DATA_ENV_VAR = "DIFFUSION_LAB_DATA"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+SPLITS = ("train", "test")
 _DOWNLOAD_SOCKET_TIMEOUT_S = 30.0
 
 
@@ -44,27 +48,31 @@ def _one_line(text: object) -> str:
 class ImageDataset(Dataset):
     """Base class: items are image tensors [C,H,W] in [-1, 1]."""
 
-    def __init__(self, name: str, channels: int, image_size: int, hflip: bool):
+    def __init__(self, name: str, channels: int, image_size: int, hflip: bool, split: str = "train"):
         self.name = name
+        self.split = split
         self.channels = int(channels)
         self.image_size = int(image_size)
         self.hflip = bool(hflip)
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(name={self.name!r}, n={len(self)}, channels={self.channels}, "
+            f"{type(self).__name__}(name={self.name!r}, split={self.split!r}, n={len(self)}, channels={self.channels}, "
             f"image_size={self.image_size}, hflip={self.hflip})"
         )
 
 
 class TensorImageDataset(ImageDataset):
-    """All images held in memory as one float tensor ``images`` [N,C,H,W] (ResumableLoader fast path)."""
+    """All images held in memory as one float tensor ``images`` [N,C,H,W] (ResumableLoader fast path);
+    ``labels`` [N] (class indices) when the data has them."""
 
-    def __init__(self, images: torch.Tensor, name: str, hflip: bool):
+    def __init__(self, images: torch.Tensor, name: str, hflip: bool, split: str = "train",
+                 labels: Optional[torch.Tensor] = None):
         if images.dim() != 4 or images.shape[-1] != images.shape[-2]:
             raise ValueError(f"images must be [N,C,S,S], got {tuple(images.shape)}")
-        super().__init__(name, images.shape[1], images.shape[-1], hflip)
+        super().__init__(name, images.shape[1], images.shape[-1], hflip, split)
         self.images = images.contiguous()
+        self.labels = labels
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -76,8 +84,8 @@ class TensorImageDataset(ImageDataset):
 class TransformImageDataset(ImageDataset):
     """Wraps a dataset whose items are ``image`` or ``(image, label, ...)``; keeps only the image."""
 
-    def __init__(self, base: Dataset, name: str, channels: int, image_size: int, hflip: bool):
-        super().__init__(name, channels, image_size, hflip)
+    def __init__(self, base: Dataset, name: str, channels: int, image_size: int, hflip: bool, split: str = "train"):
+        super().__init__(name, channels, image_size, hflip, split)
         self.base = base
 
     def __len__(self) -> int:
@@ -120,17 +128,42 @@ def build_dataset(name: str, **params: Any) -> ImageDataset:
     return DATASETS.build(name, **params)
 
 
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split '{split}'; known: {', '.join(SPLITS)}")
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> Dict[str, np.ndarray]:
+    """Sorted indices of a class-stratified split: round(test_fraction * n_c) of each class go to test,
+    drawn by a generator seeded with ``seed``; the rest is train. Disjoint, and the same for the same seed."""
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    rng = np.random.default_rng(seed)
+    test = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        test.append(rng.permutation(members)[: int(round(test_fraction * len(members)))])
+    test_idx = np.sort(np.concatenate(test))
+    return {"train": np.setdiff1d(np.arange(len(labels)), test_idx), "test": test_idx}
+
+
 @DATASETS.register("digits")
-def digits(image_size: int = 8) -> TensorImageDataset:
-    """scikit-learn's 1797 8x8 handwritten digits (no download), 1 channel, optionally resized (bilinear)."""
+def digits(image_size: int = 8, split: str = "train", test_fraction: float = 0.2, split_seed: int = 0) -> TensorImageDataset:
+    """scikit-learn's 1797 8x8 handwritten digits (no download), 1 channel, optionally resized (bilinear).
+
+    ``split``: a class-stratified ``test_fraction`` of each digit, chosen with ``split_seed``, is held out
+    as ``test`` (359 images at the defaults 0.2 and 0); ``train`` is the other 1438. ``labels`` are kept.
+    """
     from sklearn.datasets import load_digits
 
-    raw = load_digits().images  # float64 [1797, 8, 8], values 0..16
-    x = torch.from_numpy(raw).float().unsqueeze(1) / 8.0 - 1.0
+    _check_split(split)
+    raw = load_digits()
+    idx = stratified_split(raw.target, test_fraction, split_seed)[split]
+    x = torch.from_numpy(raw.images[idx]).float().unsqueeze(1) / 8.0 - 1.0  # values 0..16 -> [-1, 1]
     if image_size != 8:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
         x = x.clamp_(-1.0, 1.0)
-    return TensorImageDataset(x, name="digits", hflip=False)
+    return TensorImageDataset(x, name="digits", hflip=False, split=split, labels=torch.from_numpy(raw.target[idx]))
 
 
 def default_cifar10_root() -> str:
@@ -155,8 +188,9 @@ def cifar10(
     root: Optional[str] = None,
     download: bool = True,
     verify_checksums: bool = True,
+    split: str = "train",
 ) -> TransformImageDataset:
-    """CIFAR-10's 50k train images through torchvision's loader, RGB, hflip True.
+    """CIFAR-10's official split through torchvision's loader (50k train, 10k test images), RGB, hflip True.
 
     ``verify_checksums=False`` loads through the very same torchvision code but with the per-file md5
     values set to None (torchvision's ``check_integrity`` then only checks that the files exist): for
@@ -167,6 +201,7 @@ def cifar10(
     from torchvision.datasets import CIFAR10
     from torchvision.datasets.utils import download_and_extract_archive
 
+    _check_split(split)
     root = os.path.abspath(os.path.expanduser(root)) if root else os.path.abspath(default_cifar10_root())
     folder = os.path.join(root, CIFAR10_FOLDER)
     if not os.path.isdir(folder):
@@ -184,10 +219,10 @@ def cifar10(
     cls = CIFAR10 if verify_checksums else _cifar10_without_checksums()
     tfs = ([T.Resize(image_size, antialias=True)] if image_size != 32 else []) + _to_minus_one_one(3)
     try:
-        base = cls(root, train=True, transform=T.Compose(tfs), download=False)
+        base = cls(root, train=split == "train", transform=T.Compose(tfs), download=False)
     except (RuntimeError, OSError, EOFError, KeyError, ValueError) as err:
         raise _cifar10_missing(root, f"files missing or corrupted: {type(err).__name__}: {err}") from err
-    return TransformImageDataset(base, name="cifar10", channels=3, image_size=image_size, hflip=True)
+    return TransformImageDataset(base, name="cifar10", channels=3, image_size=image_size, hflip=True, split=split)
 
 
 @functools.lru_cache(maxsize=None)
@@ -205,11 +240,27 @@ def _cifar10_without_checksums() -> type:
     return CIFAR10WithoutChecksums
 
 
+def folder_split(files: Sequence[Path], root: Path, val_fraction: float, seed: int) -> Dict[str, List[Path]]:
+    """Files under ``root/val`` are the test split when that folder exists; otherwise a seeded
+    ``val_fraction`` of the (sorted) files, at least one, is held out."""
+    val = root / "val"
+    if val.is_dir():
+        return {"train": [f for f in files if val not in f.parents], "test": [f for f in files if val in f.parents]}
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    order = np.random.default_rng(seed).permutation(len(files))
+    held = set(order[: max(1, int(round(val_fraction * len(files))))].tolist())
+    return {"train": [f for i, f in enumerate(files) if i not in held], "test": [f for i, f in enumerate(files) if i in held]}
+
+
 @DATASETS.register("folder")
-def folder(root: str, image_size: int = 64, channels: int = 3) -> TransformImageDataset:
-    """Every png/jpg/jpeg/bmp/webp under ``root`` (recursive, sorted), shorter side resized then center-cropped."""
+def folder(root: str, image_size: int = 64, channels: int = 3, split: str = "train", val_fraction: float = 0.1,
+           split_seed: int = 0) -> TransformImageDataset:
+    """Every png/jpg/jpeg/bmp/webp under ``root`` (recursive, sorted), shorter side resized then center-cropped;
+    ``split`` as in ``folder_split``."""
     from torchvision import transforms as T
 
+    _check_split(split)
     if channels not in (1, 3):
         raise ValueError(f"folder dataset: channels must be 1 (L) or 3 (RGB), got {channels}")
     path = Path(os.path.expanduser(str(root))).resolve()
@@ -220,9 +271,13 @@ def folder(root: str, image_size: int = 64, channels: int = 3) -> TransformImage
         raise DatasetNotFoundError(
             f"no images ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}) found under {path}"
         )
+    files = folder_split(files, path, val_fraction, split_seed)[split]
+    if not files:
+        raise DatasetNotFoundError(f"the {split} split of {path} has no images (too few files, or an empty val/)")
     tf = T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size)] + _to_minus_one_one(channels))
     base = _ImageFiles(files, "RGB" if channels == 3 else "L", tf)
-    return TransformImageDataset(base, name=f"folder:{path.name}", channels=channels, image_size=image_size, hflip=True)
+    return TransformImageDataset(base, name=f"folder:{path.name}", channels=channels, image_size=image_size,
+                                 hflip=True, split=split)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> List[Dict]:
     """One FID per sampler setting; writes fid_vs_cost.{csv,json,png} and a grid per setting."""
     device = resolve_device(cfg.device)
     trained = load_trained(Path(cfg.checkpoint), device)
-    evaluator = make_fid_evaluator(cfg.eval, trained.config, device)
+    evaluator = make_fid_evaluator(cfg.eval, trained.config, device, cfg.num_samples)
     if not evaluator.enabled:
         raise ValueError(f"FID is disabled: {evaluator.disabled_reason}")
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -6,13 +6,16 @@ resizes each image with the ``mode``'s resizer (``clean``: PIL bicubic to 299x29
 the feature extractor batch by batch. Statistics are ``np.mean``/``np.cov`` over the features (as in
 clean-fid) and the score is ``cleanfid.fid.frechet_distance``.
 
-Feature extractors:
+Feature extractors (``features.py`` holds the download-free ones):
   inception  clean-fid's Inception (``build_feature_extractor``); its weights are downloaded on first use.
-  small      a fixed-seed, randomly initialised conv net that needs no download. Its FIDs are only
-             comparable with other "small" FIDs; every result carries the extractor's name.
+  digits     a small classifier trained on the digits train split; images keep their native 8x8.
+  small      a fixed-seed, randomly initialised conv net: the last resort, and every label says so.
+  auto       digits for the digits data, else inception.
 
-Reference statistics: clean-fid's precomputed ones where they exist (cifar10 at 32px, train split,
-inception only); otherwise computed from the dataset's images and cached as an .npz in ``cache_dir``.
+Reference statistics: clean-fid's precomputed ones where they exist (cifar10 at 32px, train and test
+splits, inception only); otherwise computed from the split's images and cached as an .npz in ``cache_dir``.
+Beside every FID stands its noise floor: the FID of real training images against the same reference
+at the same sample count (``set_floor``), which no generator can be expected to beat.
 
 Offline: clean-fid downloads with ``urllib`` and no timeout. Files already in place are used without
 any network access; a missing file is downloaded only if ``download`` is true, under a socket
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import os
@@ -29,26 +33,28 @@ import platform
 import re
 import socket
 import tempfile
-from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
 
 import cleanfid
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from cleanfid import fid as cfid
 from cleanfid.downloads_helper import inception_url as INCEPTION_TORCHSCRIPT_URL
 from cleanfid.features import build_feature_extractor, get_reference_statistics
 from cleanfid.inception_pytorch import FID_WEIGHTS_URL as INCEPTION_PYTORCH_URL
 
+from .features import SmallFeatureExtractor, cache_root, classifier_score, digits_classifier
+
 log = logging.getLogger(__name__)
 
 MODES = ("clean", "legacy_pytorch", "legacy_tensorflow")
-EXTRACTORS = ("inception", "small")
+EXTRACTORS = ("auto", "inception", "digits", "small")
 FALLBACKS = ("small", "none")
-# clean-fid's precomputed reference statistics that we use: (dataset name, resolution) -> split
-PRECOMPUTED = {("cifar10", 32): "train"}
+# clean-fid's precomputed reference statistics that we use: (dataset name, resolution) -> splits
+PRECOMPUTED = {("cifar10", 32): ("train", "test")}
+FLOOR_SEED = 0  # which training images make up the floor
 CLEANFID_STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats"
 
 Images = Union[torch.Tensor, torch.utils.data.Dataset, Iterable]
@@ -103,8 +109,7 @@ def precomputed_stats(name: str, res: int, mode: str, split: str) -> Tuple[str, 
 
 def default_cache_dir() -> str:
     """$DIFFUSION_LAB_CACHE/fid_stats, else ~/.cache/diffusion_lab/fid_stats."""
-    root = os.environ.get("DIFFUSION_LAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "diffusion_lab")
-    return os.path.join(root, "fid_stats")
+    return os.path.join(cache_root(), "fid_stats")
 
 
 def stats_path(cache_dir: str, name: str, res: int, mode: str, extractor_id: str, num_images: int, fingerprint: str) -> str:
@@ -114,44 +119,6 @@ def stats_path(cache_dir: str, name: str, res: int, mode: str, extractor_id: str
     """
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
     return os.path.join(cache_dir, f"{safe}_{res}px_{mode}_{extractor_id}_n{num_images}_{fingerprint}.npz")
-
-
-# ---------------------------------------------------------------------------------------------
-# feature extractors
-# ---------------------------------------------------------------------------------------------
-
-
-class SmallFeatureExtractor(nn.Module):
-    """A fixed-seed, randomly initialised conv net: [B, 3, H, W] in [0, 255] -> [B, 128] features.
-
-    Needs no download and is deterministic, so the FID machinery runs offline. It is NOT Inception:
-    its FIDs are only comparable with other FIDs from this same extractor (``VERSION`` is part of the
-    cache key; bump it when changing anything here).
-    """
-
-    VERSION = 1
-    SEED, WIDTH, POOL = 0, 16, 32
-
-    def __init__(self):
-        super().__init__()
-        w = self.WIDTH
-        self.convs = nn.ModuleList(
-            [nn.Conv2d(3, w, 3, padding=1), nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1)]
-        )
-        gen = torch.Generator().manual_seed(self.SEED)  # leaves the global RNG alone
-        with torch.no_grad():
-            for conv in self.convs:
-                fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
-                conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
-                conv.bias.zero_()
-        self.requires_grad_(False)
-        self.eval()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.adaptive_avg_pool2d(x.float(), self.POOL) / 127.5 - 1.0  # 299x299 (clean) -> 32x32, [-1, 1]
-        for conv in self.convs:
-            x = F.relu(conv(x))
-        return F.adaptive_avg_pool2d(x, 2).flatten(1)  # 2*WIDTH channels x 2x2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,35 +184,42 @@ def _batch_reader(images: Union[torch.Tensor, torch.utils.data.Dataset], batch_s
 
 @dataclass
 class FIDResult:
-    """One FID value and what it was measured with; ``label()`` names all of it."""
+    """One FID value, what it was measured with (``label()`` names all of it) and its noise floor: the FID of
+    ``floor_n`` real training images against the same reference. ``scores``: the classifier score, if any."""
 
     value: float
     mode: str
     extractor: str
     num_samples: int
     reference: str
+    floor: Optional[float] = None
+    floor_n: Optional[int] = None
+    scores: Dict[str, float] = field(default_factory=dict)
 
     def label(self) -> str:
         return f"FID[{self.mode}, {self.extractor}, {self.num_samples} samples vs {self.reference}]"
 
     def __str__(self) -> str:
-        return f"{self.label()} = {self.value:.4f}"
+        floor = f"floor {self.floor:.4f}, n={self.floor_n}, " if self.floor is not None else ""
+        scores = "".join(f", {k} {v:.3f}" for k, v in self.scores.items())
+        return f"FID {self.value:.4f} ({floor}vs {self.reference}) {self.label()}{scores}"
 
 
 class FIDEvaluator:
     """FID of generated samples against reference statistics, through clean-fid.
 
-    Use: ``ev = FIDEvaluator(...)``; ``ev.set_reference("digits", train_images)``; ``ev.compute(generate_fn)``.
-    When the Inception weights are unavailable and ``fallback="none"``, ``ev.enabled`` is False and
-    ``set_reference``/``compute`` do nothing (``compute`` returns None).
+    Use: ``ev = FIDEvaluator(...)``; ``ev.set_reference("digits", test_images, split="test")``;
+    ``ev.set_floor(train_images)``; ``ev.compute(generate_fn)``. When the Inception weights are unavailable
+    and ``fallback="none"``, ``ev.enabled`` is False and ``set_reference``/``compute`` do nothing.
 
     Args:
         mode: clean-fid mode: "clean", "legacy_pytorch" or "legacy_tensorflow".
-        feature_extractor: "inception" (clean-fid's) or "small" (offline; see SmallFeatureExtractor).
+        feature_extractor: "inception" (clean-fid's), "digits" (classifier trained on the default digits
+            train split), "small" (random net), or an extractor module from ``features.py``.
         fallback: what to do when Inception cannot be loaded: "small" or "none" (disable FID).
         num_samples: generated samples per FID by default.
         batch_size: images per generate_fn call / per feature-extractor batch.
-        cache_dir: where custom reference statistics are cached (default: default_cache_dir()).
+        cache_dir: where reference statistics and floors are cached (default: default_cache_dir()).
         device: device of the feature extractor (default: cuda if available, else cpu).
         max_ref_images: use at most this many (the first) dataset images for custom statistics (None: all).
         download: allow downloading missing clean-fid files (Inception weights, precomputed statistics).
@@ -256,7 +230,7 @@ class FIDEvaluator:
     def __init__(
         self,
         mode: str = "clean",
-        feature_extractor: str = "inception",
+        feature_extractor: Union[str, nn.Module] = "inception",
         fallback: str = "small",
         num_samples: int = 10_000,
         batch_size: int = 250,
@@ -267,7 +241,8 @@ class FIDEvaluator:
         download_timeout: float = 60.0,
         progress: bool = True,
     ):
-        for value, known, what in ((mode, MODES, "mode"), (feature_extractor, EXTRACTORS, "feature_extractor"), (fallback, FALLBACKS, "fallback")):
+        named = feature_extractor if isinstance(feature_extractor, str) else "digits"
+        for value, known, what in ((mode, MODES, "mode"), (named, EXTRACTORS[1:], "feature_extractor"), (fallback, FALLBACKS, "fallback")):
             if value not in known:
                 raise ValueError(f"unknown FID {what} '{value}'; known: {', '.join(known)}")
         self.mode = mode
@@ -279,43 +254,56 @@ class FIDEvaluator:
         self.download = download
         self.download_timeout = download_timeout
         self.progress = progress
-
-        self.extractor_name: Optional[str] = None  # "inception" / "small"; None = FID disabled
-        self.extractor: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        self.extractor_name: Optional[str] = None  # "inception" / "digits" / "small"; None = FID disabled
         self.disabled_reason: Optional[str] = None
-        if feature_extractor == "inception":
-            self.extractor, problem = self._build_inception()
-            if self.extractor is not None:
-                self.extractor_name = "inception"
-            else:
-                path, url = inception_weights(mode)
-                msg = (
-                    f"FID: clean-fid's Inception weights could not be loaded ({problem}). "
-                    f"clean-fid (mode '{mode}') needs the file {path}; download it from {url} and place it there. "
-                )
-                if fallback == "small":
-                    msg += "Using the 'small' feature extractor instead: these FIDs are NOT Inception FIDs and are only comparable with other 'small' FIDs."
-                else:
-                    msg += "FID is disabled (fallback: none)."
-                    self.disabled_reason = msg
-                _warn_once(msg)
-        if self.extractor is None and self.disabled_reason is None:
-            self.extractor = SmallFeatureExtractor().to(self.device)
-            self.extractor_name = "small"
-
+        self.extractor = self._build_extractor(feature_extractor, fallback)
+        inception = self.extractor_name == "inception"
+        # the cache key, the name every label carries, and clean-fid's custom_fn_resize (None: the mode's resizer)
+        self.extractor_id = "inception" if inception else getattr(self.extractor, "cache_id", None)
+        self.extractor_label = "inception" if inception else getattr(self.extractor, "label", None)
+        self.resize: Optional[Callable] = None if inception else getattr(self.extractor, "fn_resize", None)
+        self.head: Optional[nn.Module] = getattr(self.extractor, "head", None)  # features -> class logits
         self.ref_mu: Optional[np.ndarray] = None
         self.ref_sigma: Optional[np.ndarray] = None
-        self.reference: Optional[str] = None  # e.g. "digits custom stats (1797 images)"
+        self.reference: Optional[str] = None  # e.g. "digits test (359 images)"
         self.reference_source: Optional[str] = None  # "precomputed", "cache" or "computed"
+        self.floor: Optional[float] = None
+        self.floor_n: Optional[int] = None
+
+    def _build_extractor(self, choice: Union[str, nn.Module], fallback: str) -> Optional[Callable]:
+        if isinstance(choice, nn.Module):
+            self.extractor_name = "digits"
+            return choice.to(self.device)
+        if choice == "digits":
+            from .data import digits  # the default split's train images
+
+            train = digits(split="train")
+            self.extractor_name = "digits"
+            return digits_classifier(train.images, train.labels).to(self.device)
+        if choice == "inception":
+            extractor, problem = self._build_inception()
+            if extractor is not None:
+                self.extractor_name = "inception"
+                return extractor
+            path, url = inception_weights(self.mode)
+            msg = (f"FID: clean-fid's Inception weights could not be loaded ({problem}). "
+                   f"clean-fid (mode '{self.mode}') needs the file {path}; download it from {url} and place it there. ")
+            if fallback == "none":
+                self.disabled_reason = msg + "FID is disabled (fallback: none)."
+                _warn_once(self.disabled_reason)
+                return None
+            _warn_once(msg + "Using the 'small' random net instead: these FIDs are NOT Inception FIDs and are only "
+                             "comparable with other 'small' FIDs.")
+        self.extractor_name = "small"
+        return SmallFeatureExtractor().to(self.device)
 
     @property
     def enabled(self) -> bool:
         return self.extractor is not None
 
     @property
-    def extractor_id(self) -> str:
-        """Extractor name plus version, as used in cache keys."""
-        return "inception" if self.extractor_name == "inception" else f"small-v{SmallFeatureExtractor.VERSION}"
+    def resize_label(self) -> str:
+        return self.mode if self.resize is None else "native size"
 
     def _build_inception(self):
         """(clean-fid's extractor, None), or (None, why not). Never downloads unless ``download``."""
@@ -358,7 +346,7 @@ class FIDEvaluator:
 
         return cfid.get_model_features(
             gen, self.extractor, mode=self.mode, z_dim=1, num_gen=n, batch_size=bs,
-            device=self.device, desc=desc, verbose=self.progress,
+            device=self.device, desc=desc, verbose=self.progress, custom_fn_resize=self.resize,
         )
 
     def features(self, images: Images) -> np.ndarray:
@@ -371,12 +359,13 @@ class FIDEvaluator:
         """(mu, sigma) as clean-fid computes them."""
         return np.mean(feats, axis=0), np.cov(feats, rowvar=False)
 
-    def set_reference(self, name: str, images: Optional[Images] = None, resolution: Optional[int] = None) -> None:
-        """Load or compute the reference statistics for dataset ``name``.
+    def set_reference(self, name: str, images: Optional[Images] = None, resolution: Optional[int] = None,
+                      split: str = "train") -> None:
+        """Load or compute the reference statistics of dataset ``name``'s ``split``.
 
-        images: the dataset's [-1, 1] images without augmentation (tensor [N, C, H, W], map-style Dataset
+        images: the split's [-1, 1] images without augmentation (tensor [N, C, H, W], map-style Dataset
         of images or (image, label) items, or an iterable of batches). Optional when clean-fid has
-        precomputed statistics for (name, resolution) and they can be loaded.
+        precomputed statistics for (name, resolution, split) and they can be loaded.
         resolution: image side length; default: that of the first image.
         The cache key is (name, resolution, mode, extractor, number of images, fingerprint of the first images).
         """
@@ -387,34 +376,50 @@ class FIDEvaluator:
             if resolution is None:
                 first = images[0] if isinstance(images, torch.Tensor) else _first(images[0])
                 resolution = int(first.shape[-1])
-        split = PRECOMPUTED.get((name, resolution))
-        if split is not None and self.extractor_name == "inception":
+        if split in PRECOMPUTED.get((name, resolution), ()) and self.extractor_name == "inception":
             stats = self._load_precomputed(name, resolution, split)
             if stats is not None:
                 self.ref_mu, self.ref_sigma = stats
                 self.reference, self.reference_source = f"clean-fid {name} {split}", "precomputed"
+                self._reference_key = f"{name}_{resolution}px_{self.mode}_{split}_precomputed"
                 return
         if images is None:
-            raise ValueError(f"no precomputed FID statistics for '{name}' at {resolution}px: pass the dataset's images")
-
+            raise ValueError(f"no precomputed FID statistics for '{name}' {split} at {resolution}px: pass the images")
         n = len(images)
-        path = stats_path(self.cache_dir, name, resolution, self.mode, self.extractor_id, n, fingerprint(images))
-        self.reference = f"{name} custom stats ({n} images)"
+        path = stats_path(self.cache_dir, f"{name}_{split}", resolution, self.mode, self.extractor_id, n, fingerprint(images))
+        self.reference, self._reference_key = f"{name} {split} ({n} images)", os.path.basename(path)
         if os.path.exists(path):
             with np.load(path) as f:
                 self.ref_mu, self.ref_sigma = f["mu"], f["sigma"]
             self.reference_source = "cache"
             log.info("FID reference statistics loaded from cache: %s", path)
             return
-        feats = self._features(images, n, f"FID stats {name}: ")
-        self.ref_mu, self.ref_sigma = self.statistics(feats)
+        self.ref_mu, self.ref_sigma = self.statistics(self._features(images, n, f"FID stats {name}: "))
         self.reference_source = "computed"
-        os.makedirs(self.cache_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")  # atomic: parallel runs may share the cache
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, mu=self.ref_mu, sigma=self.ref_sigma)
-        os.replace(tmp, path)
+        _save_atomic(path, lambda f: np.savez(f, mu=self.ref_mu, sigma=self.ref_sigma))
         log.info("FID reference statistics computed from %d images and cached: %s", n, path)
+
+    def set_floor(self, train_images: Images, num_samples: Optional[int] = None) -> Optional[float]:
+        """The noise floor: FID of ``num_samples`` real training images (a seeded random subset; all of
+        them when there are fewer) against the reference. Cached beside the reference statistics."""
+        if not self.enabled:
+            return None
+        if self.ref_mu is None:
+            raise RuntimeError("FIDEvaluator.set_floor: call set_reference(...) first")
+        train_images = _sized(train_images, None)
+        n = min(num_samples or self.num_samples, len(train_images))
+        key = f"{self._reference_key}|{self.extractor_id}|{fingerprint(train_images)}|{len(train_images)}|{n}|{FLOOR_SEED}"
+        path = os.path.join(self.cache_dir, f"floor_{hashlib.sha1(key.encode()).hexdigest()[:12]}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                self.floor = json.load(f)["floor"]
+        else:
+            order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(FLOOR_SEED))[:n].tolist()
+            subset = torch.utils.data.Subset(train_images, order)
+            self.floor = self._against_reference(self._features(subset, n, "FID floor: ")).value
+            _save_atomic(path, lambda f: f.write(json.dumps({"floor": self.floor, "n": n, "key": key}).encode()))
+        self.floor_n = n
+        return self.floor
 
     def _load_precomputed(self, name: str, res: int, split: str):
         """clean-fid's precomputed (mu, sigma), or None (with a warning) when they cannot be had."""
@@ -460,10 +465,17 @@ class FIDEvaluator:
             raise RuntimeError("FIDEvaluator.score: call set_reference(...) first")
         return self._against_reference(self.features(images))
 
+    def class_scores(self, feats: np.ndarray) -> Dict[str, float]:
+        """The classifier score of features from an extractor with a classification ``head``, else {}."""
+        if self.head is None:
+            return {}
+        with torch.no_grad():
+            return classifier_score(self.head(torch.from_numpy(feats).float().to(self.device)).cpu())
+
     def _against_reference(self, feats: np.ndarray) -> FIDResult:
-        mu, sigma = self.statistics(feats)
-        value = float(cfid.frechet_distance(mu, sigma, self.ref_mu, self.ref_sigma))
-        return FIDResult(value, self.mode, self.extractor_name, len(feats), self.reference)
+        value = float(cfid.frechet_distance(*self.statistics(feats), self.ref_mu, self.ref_sigma))
+        return FIDResult(value, self.resize_label, self.extractor_label, len(feats), self.reference,
+                         self.floor, self.floor_n, self.class_scores(feats))
 
     def compare(self, images: Images, reference_images: Images, reference_name: str = "images") -> Optional[FIDResult]:
         """FID between two image sets ([-1, 1]; tensors, Datasets or iterables of batches); nothing is cached."""
@@ -472,7 +484,41 @@ class FIDEvaluator:
         feats = self.features(images)
         ref = self.features(reference_images)
         value = float(cfid.frechet_distance(*self.statistics(feats), *self.statistics(ref)))
-        return FIDResult(value, self.mode, self.extractor_name, len(feats), f"{reference_name} ({len(ref)} images)")
+        return FIDResult(value, self.resize_label, self.extractor_label, len(feats),
+                         f"{reference_name} ({len(ref)} images)", scores=self.class_scores(feats))
+
+
+def _save_atomic(path: str, write: Callable) -> None:
+    """Write a cache file through a temporary file and a rename: parallel runs may share the cache."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def build_evaluator(eval_cfg, datasets: Callable[[str], torch.utils.data.Dataset], device, num_samples: int,
+                    progress: bool = True) -> FIDEvaluator:
+    """The evaluator of ``eval_cfg`` with its reference (split ``eval.reference``) and the floor at ``num_samples``.
+
+    datasets(split) -> that split of the configured data; ``auto`` picks the digits classifier for digits
+    (trained on this config's train split) and Inception for everything else.
+    """
+    train = datasets("train")
+    extractor = eval_cfg.feature_extractor
+    if extractor == "auto":
+        extractor = "digits" if train.name == "digits" else "inception"
+    if extractor == "digits":
+        if getattr(train, "labels", None) is None:
+            raise ValueError(f"eval.feature_extractor=digits needs the digits data, not {train.name}")
+        extractor = digits_classifier(train.images, train.labels)
+    evaluator = FIDEvaluator(mode=eval_cfg.mode, feature_extractor=extractor, fallback=eval_cfg.fallback,
+                             num_samples=num_samples, batch_size=eval_cfg.batch_size, device=device, progress=progress)
+    if evaluator.enabled:
+        reference = train if eval_cfg.reference == "train" else datasets(eval_cfg.reference)
+        evaluator.set_reference(train.name, reference, resolution=train.image_size, split=eval_cfg.reference)
+        evaluator.set_floor(train, num_samples)
+    return evaluator
 
 
 class FIDTracker:
@@ -480,23 +526,26 @@ class FIDTracker:
 
     Evaluation runs under `torch.random.fork_rng`, so switching FID on or off never changes training.
     The starting noise is the same at every evaluation, so values compare over time.
+    datasets(split) -> that split of the run's data (FID's reference is split `eval.reference`).
     """
 
-    def __init__(self, eval_cfg, dataset, device: torch.device, seed: int = 0):
+    def __init__(self, eval_cfg, datasets: Callable[[str], torch.utils.data.Dataset], device: torch.device, seed: int = 0):
         self.every = int(eval_cfg.every)
         self.num_samples, self.seed = int(eval_cfg.num_samples), seed
-        self.shape = (dataset.channels, dataset.image_size, dataset.image_size)
+        train = datasets("train")
+        self.shape = (train.channels, train.image_size, train.image_size)
         self.device = torch.device(device)
         self.history: list = []  # [(step, value)]
         self.best: Optional[float] = None
         self.label: Optional[str] = None
+        self.last: Optional[FIDResult] = None
         self.evaluator: Optional[FIDEvaluator] = None
         if self.every > 0:
-            self.evaluator = FIDEvaluator(mode=eval_cfg.mode, feature_extractor=eval_cfg.feature_extractor,
-                                          fallback=eval_cfg.fallback, num_samples=self.num_samples,
-                                          batch_size=eval_cfg.batch_size, device=device, progress=False)
+            with torch.random.fork_rng(devices=[]):  # the floor's subset and clean-fid's dummy z leave training alone
+                self.evaluator = build_evaluator(eval_cfg, datasets, device, self.num_samples, progress=False)
             if self.evaluator.enabled:
-                self.evaluator.set_reference(dataset.name, dataset, resolution=dataset.image_size)
+                print(f"FID reference: {self.evaluator.reference}; floor {self.evaluator.floor:.4f} "
+                      f"(FID of {self.evaluator.floor_n} real training images, {self.evaluator.extractor_label})")
 
     @property
     def enabled(self) -> bool:
@@ -506,7 +555,7 @@ class FIDTracker:
         return self.enabled and step % self.every == 0
 
     def evaluate(self, sample: Callable[[torch.Tensor, int], torch.Tensor]) -> FIDResult:
-        """FID of `num_samples` images from sample(x_T, seed) against the dataset's reference statistics."""
+        """FID of `num_samples` images from sample(x_T, seed) against the reference statistics."""
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             noise = torch.Generator().manual_seed(self.seed)
@@ -517,7 +566,7 @@ class FIDTracker:
                 return sample(x_T, self.seed + next(calls)).cpu()
 
             result = self.evaluator.compute(generate, self.num_samples)
-        self.label = result.label()
+        self.label, self.last = result.label(), result
         return result
 
     def record(self, step: int, result: FIDResult) -> bool:
@@ -528,6 +577,11 @@ class FIDTracker:
             return True
         return False
 
+    def floors(self) -> Dict[str, float]:
+        """{legend: value} of the noise floor, for plots."""
+        ev = self.evaluator
+        return {f"floor (real train images, n={ev.floor_n})": ev.floor} if self.enabled and ev.floor is not None else {}
+
     def state_dict(self) -> dict:
         return {"history": list(self.history), "best": self.best, "label": self.label}
 
@@ -535,4 +589,10 @@ class FIDTracker:
         self.history, self.best, self.label = list(state["history"]), state["best"], state["label"]
 
     def summary(self) -> dict:
-        return {"fid_history": self.history, "best_fid": self.best, "fid_label": self.label}
+        """best_fid, final_fid, the floor beside them, the label and the history (summary.json, W&B summary)."""
+        ev = self.evaluator if self.enabled else None
+        return {"fid_history": self.history, "best_fid": self.best,
+                "final_fid": self.history[-1][1] if self.history else None,
+                "fid_floor": ev.floor if ev else None, "fid_floor_n": ev.floor_n if ev else None,
+                "fid_reference": ev.reference if ev else None, "fid_label": self.label,
+                **({f"final_{k}": v for k, v in self.last.scores.items()} if self.last else {})}

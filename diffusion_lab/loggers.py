@@ -5,8 +5,10 @@ import json
 import netrc
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 from urllib.parse import urlparse
+
+from omegaconf import OmegaConf
 
 from .registry import LOGGERS
 
@@ -27,6 +29,9 @@ class LocalLogger:
 
     def log_images(self, images: Dict[str, Path], step: int) -> None:
         """Pictures already live in the run dir; only W&B uploads them."""
+
+    def summarize(self, values: Dict[str, Any]) -> None:
+        """End-of-run numbers; summary.json holds them locally, W&B puts them in the run summary."""
 
     def log_checkpoint(self, path: Path) -> None:
         """Checkpoints already live in the run dir; only W&B uploads them."""
@@ -64,7 +69,8 @@ class WandbLogger(LocalLogger):
 
     def __init__(self, run_dir: Path, config: Dict[str, Any], name: str, group: Optional[str] = None,
                  run_id: Optional[str] = None, project: str = "diffusion_lab", entity: Optional[str] = None,
-                 mode: str = "auto", log_checkpoint: bool = True, tags: Optional[List[str]] = None, **_: Any):
+                 mode: str = "auto", log_checkpoint: bool = True, tags: Optional[List[str]] = None,
+                 job_type: Optional[str] = None, **_: Any):
         super().__init__(run_dir, config, name, group, run_id)
         import wandb
 
@@ -72,7 +78,7 @@ class WandbLogger(LocalLogger):
         self.log_checkpoints = log_checkpoint
         self.mode = wandb_mode(mode)
         kwargs = dict(project=project, entity=entity, name=name, group=group, config=config,
-                      dir=str(self.run_dir), tags=list(tags or []), id=run_id, resume="allow",
+                      dir=str(self.run_dir), tags=list(tags or []), id=run_id, resume="allow", job_type=job_type,
                       settings=wandb.Settings(console="off", silent=True))
         try:
             self.run = wandb.init(mode=self.mode, **kwargs)
@@ -90,7 +96,11 @@ class WandbLogger(LocalLogger):
         self.run.log(metrics, step=step)
 
     def log_images(self, images: Dict[str, Path], step: int) -> None:
-        self.run.log({key: self.wandb.Image(str(path)) for key, path in images.items()}, step=step)
+        """Under plots/<name>: the numeric keys (loss, fid) keep numbers in the history and the summary."""
+        self.run.log({f"plots/{key}": self.wandb.Image(str(path)) for key, path in images.items()}, step=step)
+
+    def summarize(self, values: Dict[str, Any]) -> None:
+        self.run.summary.update({k: v for k, v in values.items() if v is not None})
 
     def log_checkpoint(self, path: Path) -> None:
         if not self.log_checkpoints:
@@ -105,3 +115,25 @@ class WandbLogger(LocalLogger):
 
     def finish(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)
+
+
+def swept_keys(sweep_dir: Path) -> List[str]:
+    """The keys a Hydra multirun gives several values, read from the multirun.yaml Hydra writes first."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    path = Path(sweep_dir) / "multirun.yaml"
+    if not path.is_file():
+        return []
+    task = OmegaConf.load(path).hydra.overrides.task
+    return [o.key_or_group for o in OverridesParser.create().parse_overrides(list(task)) if o.is_sweep_override()]
+
+
+def sweep_group(keys: Sequence[str], sweep_dir: Path) -> str:
+    """W&B group of a sweep, named after what it sweeps: `schedule x model.dropout 2026-11-23/12-00-00`."""
+    sweep_dir = Path(sweep_dir)
+    return f"{' x '.join(keys) or 'sweep'} {sweep_dir.parent.name}/{sweep_dir.name}"[:128]
+
+
+def sweep_tags(keys: Sequence[str], overrides: Sequence[str]) -> List[str]:
+    """This job's `key=value` for each swept key (W&B tags are at most 64 characters)."""
+    return [o[:64] for o in overrides if o.lstrip("+~").split("=", 1)[0] in keys]

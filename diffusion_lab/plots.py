@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import textwrap
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import matplotlib
 import numpy as np
@@ -31,8 +31,9 @@ def smooth(values: Sequence[float], fraction: float = 0.05) -> List[float]:
     return (sums / counts).tolist()
 
 
-def plot_curves(runs: Dict[str, List[Dict]], key: str, path: Path, title: str, log_y: bool = False) -> Path:
-    """One line per run of metric `key` against step."""
+def plot_curves(runs: Dict[str, List[Dict]], key: str, path: Path, title: str, log_y: bool = False,
+                floors: Optional[Dict[str, float]] = None) -> Path:
+    """One line per run of metric `key` against step; each of `floors` ({legend: value}) a dashed horizontal line."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, rows in runs.items():
         points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
@@ -40,12 +41,14 @@ def plot_curves(runs: Dict[str, List[Dict]], key: str, path: Path, title: str, l
             continue
         steps, values = zip(*points)
         ax.plot(steps, values, label=label, marker="o" if len(points) < 20 else None)
+    for (label, value), style in zip((floors or {}).items(), ("--", ":", "-.")):
+        ax.axhline(value, color="gray", linestyle=style, linewidth=1, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel(key)
     ax.set_title(textwrap.fill(title, 60), fontsize=10)
     if log_y:
         ax.set_yscale("log")
-    if len(runs) > 1:
+    if len(runs) > 1 or floors:
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()

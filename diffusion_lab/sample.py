@@ -6,6 +6,7 @@ Writes grid.png and samples.npz (array `images`, uint8, N x H x W x C) into the 
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from . import checkpoint
 from .build import build_dataset, build_model, build_objective, build_sampler, build_schedule, resolve_device
 from .config import CONF_DIR, run_command
 from .data import save_grid, to_uint8
-from .fid import FIDEvaluator
+from .fid import FIDEvaluator, build_evaluator
 from .objectives import Objective
 from .schedules import NoiseSchedule
 
@@ -64,15 +65,10 @@ def generate(trained: Trained, sampler: Callable, num_samples: int, batch_size: 
     return torch.cat(batches)
 
 
-def make_fid_evaluator(eval_cfg: DictConfig, train_cfg: DictConfig, device: torch.device) -> FIDEvaluator:
-    """A FID evaluator with reference statistics of the checkpoint's training data."""
-    evaluator = FIDEvaluator(mode=eval_cfg.mode, feature_extractor=eval_cfg.feature_extractor,
-                             fallback=eval_cfg.fallback, num_samples=eval_cfg.num_samples,
-                             batch_size=eval_cfg.batch_size, device=device)
-    if evaluator.enabled:
-        dataset = build_dataset(train_cfg)
-        evaluator.set_reference(dataset.name, dataset, resolution=dataset.image_size)
-    return evaluator
+def make_fid_evaluator(eval_cfg: DictConfig, train_cfg: DictConfig, device: torch.device,
+                       num_samples: int) -> FIDEvaluator:
+    """A FID evaluator against split `eval.reference` of the checkpoint's data, with its floor at num_samples."""
+    return build_evaluator(eval_cfg, functools.partial(build_dataset, train_cfg), device, num_samples)
 
 
 def sample(cfg: DictConfig, run_dir: Path) -> dict:
@@ -87,11 +83,12 @@ def sample(cfg: DictConfig, run_dir: Path) -> dict:
     summary = {"checkpoint": str(cfg.checkpoint), "step": trained.step, "sampler": OmegaConf.to_container(cfg.sampler),
                "num_samples": cfg.num_samples, "objective": trained.config.objective.name}
     if cfg.fid:
-        evaluator = make_fid_evaluator(cfg.eval, trained.config, device)
+        evaluator = make_fid_evaluator(cfg.eval, trained.config, device, cfg.num_samples)
         if evaluator.enabled:
             result = evaluator.score(images)
             print(result)
-            summary["fid"] = {"value": result.value, "label": result.label()}
+            summary["fid"] = {"value": result.value, "label": result.label(), "floor": result.floor,
+                              "floor_n": result.floor_n, **result.scores}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"wrote {run_dir / 'grid.png'} and {run_dir / 'samples.npz'} ({cfg.num_samples} images)")
     return summary

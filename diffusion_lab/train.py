@@ -27,7 +27,7 @@ from .config import CONF_DIR, ConfigError, check_overrides, fail, validate
 from .data import DatasetNotFoundError, ResumableLoader, save_grid
 from .ema import EMA
 from .fid import FIDTracker
-from .loggers import LOGGERS
+from .loggers import LOGGERS, sweep_group, sweep_tags, swept_keys
 from .models import count_parameters
 from .optim import TrainStep, build_optimizer
 from .plots import denoising_trajectory, forward_diffusion, plot_curves, plot_loss
@@ -103,8 +103,9 @@ def write_pictures(cfg: DictConfig, dataset, parts, sample_model: torch.nn.Modul
 
 
 def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides: Sequence[str] = (),
-          outputs_root: Path = Path("outputs")) -> Dict[str, Any]:
-    """Train one run into `run_dir` and return its summary (also written to summary.json)."""
+          outputs_root: Path = Path("outputs"), swept: Sequence[str] = ()) -> Dict[str, Any]:
+    """Train one run into `run_dir` and return its summary (also written to summary.json).
+    swept: the keys a sweep varies; their `key=value` overrides become W&B tags."""
     validate(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -128,7 +129,8 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
     loader = ResumableLoader(dataset, t.batch_size, cfg.seed, hflip=dataset.hflip,
                              num_workers=t.num_workers, device=device)
     noise_generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    fid = FIDTracker(cfg.eval, dataset, device, seed=cfg.seed)
+    fid = FIDTracker(cfg.eval, lambda split: dataset if split == "train" else build_dataset(cfg, split), device,
+                     seed=cfg.seed)
 
     step, elapsed_before, run_id, loss_history = 0, 0.0, None, []
     source = resume_path(cfg, outputs_root)
@@ -150,8 +152,9 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
     name = cfg.run_name or ",".join(overrides) or "default"
     logger_params = params(cfg.logger)
     group = logger_params.pop("group", None) or group
+    logger_params["tags"] = [*(logger_params.get("tags") or []), *sweep_tags(swept, overrides)]
     logger = LOGGERS.build(cfg.logger.name, run_dir=run_dir, config=config, name=name, group=group,
-                           run_id=run_id, **logger_params)
+                           run_id=run_id, job_type="train", **logger_params)
     n_params = count_parameters(model)
     c, h, w = parts.image_shape
     print(f"diffusion_lab | device {device} | model {cfg.model.name} {n_params / 1e6:.2f}M params | "
@@ -190,13 +193,16 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
         return path
 
     started = time.perf_counter()
-    window = {"loss": 0.0, "grad_norm": 0.0, "n": 0, "start": started}
+    window = {"loss": 0.0, "grad_norm": 0.0, "n": 0, "seconds": 0.0}  # seconds: training steps only
+    first_step, train_seconds = step, 0.0
     exit_code, grid_path = 0, None
     try:
         with StopRequest() as stop, tqdm(total=t.steps, initial=step, desc="train", dynamic_ncols=True,
                                          disable=None) as bar:
             while step < t.steps and not stop.requested:
+                step_started = time.perf_counter()
                 loss, grad_norm = step_fn(loss_fn)
+                window["seconds"] += time.perf_counter() - step_started
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at step {step + 1}; last good checkpoint kept")
                 step += 1
@@ -205,20 +211,20 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
                 window["n"] += 1
                 last = step == t.steps
                 if step % t.log_every == 0 or last:
-                    now = time.perf_counter()
                     mean_loss = window["loss"] / window["n"]
-                    images_per_s = window["n"] * t.batch_size / (now - window["start"])
+                    images_per_s = window["n"] * t.batch_size / window["seconds"]
+                    train_seconds += window["seconds"]
                     loss_history.append((step, mean_loss))
                     logger.log({"loss": mean_loss, "lr": step_fn.lr, "grad_norm": window["grad_norm"] / window["n"],
                                 "images_per_s": images_per_s, "epoch": step * t.batch_size / len(dataset)}, step)
                     bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{images_per_s:.0f}")
-                    window = {"loss": 0.0, "grad_norm": 0.0, "n": 0, "start": time.perf_counter()}
+                    window = {"loss": 0.0, "grad_norm": 0.0, "n": 0, "seconds": 0.0}
                 if (t.sample_every and step % t.sample_every == 0) or last:
                     grid_path = sample_grid()
                 if fid.due(step) or (last and fid.enabled):
                     result = fid.evaluate(generate)
                     tqdm.write(f"step {step}: {result}")
-                    logger.log({"fid": result.value}, step)
+                    logger.log({"fid": result.value, "fid_floor": result.floor, **result.scores}, step)
                     if fid.record(step, result):
                         save_state(run_dir / "checkpoints" / "best.pt")
                 if (t.checkpoint_every and step % t.checkpoint_every == 0) or last:
@@ -236,18 +242,21 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
                 **write_pictures(cfg, dataset, parts, ema.module, grid_noise[:4].to(device), run_dir)}
     if fid.history:
         pictures["fid"] = plot_curves({name: [{"step": s, "fid": v} for s, v in fid.history]}, "fid",
-                                      run_dir / "fid.png", fid.label or "FID")
+                                      run_dir / "fid.png", fid.label or "FID", floors=fid.floors())
     logger.log_images(pictures, step)
     losses = [loss for _, loss in loss_history[-4:]]
     summary = {
         "name": name, "group": group, "overrides": list(overrides), "run_dir": str(run_dir),
         "device": str(device), "num_parameters": n_params, "dataset": cfg.data.name, "dataset_size": len(dataset),
         "steps": step, "final_loss": sum(losses) / len(losses) if losses else None, "wall_time_s": wall,
-        "train_images_per_s": step * t.batch_size / wall if wall else None,
+        "train_images_per_s": (step - first_step) * t.batch_size / (train_seconds + window["seconds"])
+        if step > first_step else None,
         "last_grid": str(grid_path) if grid_path else None, "checkpoint": str(run_dir / "checkpoints" / "last.pt"),
         **fid.summary(), "wandb": logger.info(), "interrupted": exit_code == 130,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    logger.summarize({k: summary[k] for k in ("final_loss", "best_fid", "final_fid", "fid_floor", "fid_floor_n",
+                                              "fid_label", "train_images_per_s", "wall_time_s") if k in summary})
     if exit_code == 0:
         logger.log_checkpoint(run_dir / "checkpoints" / "last.pt")
     logger.finish(exit_code=exit_code)
@@ -264,13 +273,14 @@ def hydra_main(cfg: DictConfig) -> None:
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
-    group = None
-    if hc.mode == RunMode.MULTIRUN:  # one W&B group per sweep, named after the sweep dir
+    group, swept = None, []
+    if hc.mode == RunMode.MULTIRUN:  # one W&B group per sweep, named after what it sweeps and its dir
         sweep = Path(hc.sweep.dir)
-        group = f"sweep-{sweep.parent.name}-{sweep.name}"
+        swept = swept_keys(sweep)
+        group = sweep_group(swept, sweep)
     try:
         train(cfg, Path(hc.runtime.output_dir), group=group, overrides=hc.overrides.task,
-              outputs_root=Path(hc.runtime.cwd) / "outputs")
+              outputs_root=Path(hc.runtime.cwd) / "outputs", swept=swept)
     except (ConfigError, UnknownChoiceError, DatasetNotFoundError) as error:
         fail(str(error))
 

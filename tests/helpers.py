@@ -22,7 +22,6 @@ TINY = [
     "model.hidden_dims=[16,32]", "model.time_dim=32", "train.steps=6", "train.batch_size=16",
     "train.log_every=2", "train.sample_every=3", "train.checkpoint_every=3", "train.num_grid_samples=4",
     "train.warmup_steps=2", "sampler.steps=5", "eval.every=3", "eval.num_samples=64", "eval.batch_size=32",
-    "eval.feature_extractor=small",
 ]
 
 
@@ -72,3 +71,35 @@ def write_tiny_cifar(root: Path, per_batch: int = 2) -> np.ndarray:
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump(meta, f)
     return np.concatenate(train)
+
+
+def read_wandb_records(path: Path) -> list:
+    """The records of an offline run's .wandb file, parsed with wandb's own protobuf ``Record``.
+
+    The file is wandb's header (":W&B", magic 0xBEE1, version) followed by the LevelDB log format that wandb
+    writes: 32 KiB blocks of chunks, each with a 7-byte header (crc32c, length, type: 1 full, 2 first,
+    3 middle, 4 last); a block's last < 7 bytes are padding.
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B" or struct.unpack("<H", data[4:6])[0] != 0xBEE1:
+        raise ValueError(f"{path} is not a .wandb file")
+    block, pos, pending, records = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        payload, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0:  # zero padding up to the end of a block
+            pos += block - pos % block if pos % block else 0
+            continue
+        pending = payload if kind in (1, 2) else pending + payload
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records

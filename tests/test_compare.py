@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
@@ -15,10 +16,10 @@ SCHEDULES = {"linear": {"name": "linear", "noise_steps": 1000, "beta_start": 1e-
              "cosine": {"name": "cosine", "noise_steps": 1000, "s": 0.008, "max_beta": 0.999}}
 
 
-def write_run(path, schedule, dropout, losses, fids, summary=True, device="cpu"):
+def write_run(path, schedule, dropout, losses, fids, summary=True, device="cpu", seed=0):
     """A run dir as train.py leaves it: config.yaml, metrics.jsonl, optionally summary.json."""
     path.mkdir(parents=True)
-    config = {"seed": 0, "device": device, "run_name": f"run-{schedule}",
+    config = {"seed": seed, "device": device, "run_name": f"run-{schedule}",
               "data": {"name": "digits", "image_size": 8},
               "model": {"name": "base", "hidden_dims": [16, 32], "dropout": dropout},
               "schedule": SCHEDULES[schedule], "train": {"steps": 10, "lr": 1e-3, "resume": None},
@@ -33,7 +34,7 @@ def write_run(path, schedule, dropout, losses, fids, summary=True, device="cpu")
             "name": path.name, "overrides": [f"schedule={schedule}", f"model.dropout={dropout}"],
             "run_dir": str(path), "steps": 2 * len(losses), "final_loss": losses[-1], "wall_time_s": 83.4,
             "train_images_per_s": 1234.5, "fid_history": [[2 * (i + 1), f] for i, f in enumerate(fids)],
-            "best_fid": min(fids), "fid_label": "FID[clean, small, 64 samples vs digits custom stats (1797 images)]",
+            "best_fid": min(fids), "final_fid": fids[-1], "fid_floor": 1.5, "fid_floor_n": 64, "fid_label": "FID[clean, small, 64 samples vs digits custom stats (1797 images)]",
             "interrupted": False}))
 
 
@@ -64,7 +65,7 @@ def test_table_shows_differing_keys_sorted_by_metric(sweep):
     first, second = (line.split() for line in data_lines(text))
     assert first[:4] == ["1", "0.1", "cosine", "0.1250"]
     assert second[:4] == ["0", "0.0", "linear", "0.2500"]
-    assert first[4:] == ["30", "6", "1m23s", "1234"]  # best FID, steps, wall time, images/s
+    assert first[4:] == ["30", "30", "1.5", "6", "1m23s", "1234"]  # best/final FID, floor, steps, wall time, images/s
 
     by_fid = [line.split()[2] for line in data_lines(cmp.table(runs, keys, "best_fid"))]
     assert by_fid == ["linear", "cosine"]
@@ -82,8 +83,8 @@ def test_compare_writes_plots_and_csv(sweep, tmp_path, capsys):
     with open(result["csv"]) as f:
         rows = list(csv.DictReader(f))
     assert [(r["schedule"], r["model.dropout"], float(r["final_loss"])) for r in rows] == [
-        ("cosine", "0.1", 0.125), ("linear", "0.0", 0.25)]
-    assert float(rows[0]["wall_time_s"]) == 83.4 and rows[0]["run_dir"].endswith("1_schedule=cosine,model.dropout=0.1")
+        ("linear", "0.0", 0.25), ("cosine", "0.1", 0.125)]  # sorted by best FID by default
+    assert float(rows[0]["wall_time_s"]) == 83.4 and rows[1]["run_dir"].endswith("1_schedule=cosine,model.dropout=0.1")
 
 
 def test_run_without_summary_is_listed_and_marked(sweep, capsys):
@@ -93,7 +94,7 @@ def test_run_without_summary_is_listed_and_marked(sweep, capsys):
     lines = data_lines(result["table"])
     assert len(lines) == 3 and "note" in result["table"].splitlines()[0]
     crashed = lines[0].split()  # mean of the last 4 logged losses = 0.1, the lowest
-    assert crashed[:7] == ["2", "0.1", "linear", "0.1000", "15", "10", "-"]
+    assert crashed[:9] == ["2", "0.1", "linear", "0.1000", "15", "15", "-", "10", "-"]
     assert lines[0].endswith("no summary.json") and not lines[1].endswith("summary.json")
     assert (sweep / "compare_loss.png").stat().st_size > 0 and (sweep / "compare.csv").is_file()
 
@@ -112,6 +113,7 @@ def test_cli(sweep, tmp_path, capsys):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "cosine" in done.stdout and "linear" in done.stdout and "0.1250" in done.stdout
+    assert "cannot tell: needs at least 2 seeds" in done.stdout  # one seed per setting
     assert (sweep / "compare.csv").is_file()
 
     empty = tmp_path / "empty"
@@ -121,3 +123,71 @@ def test_cli(sweep, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no runs") and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------- seeds and noise
+
+BEST_FIDS = {("linear", 0.0): [10.0, 10.2, 9.8],  # mean 10.0, s.e. 0.2 / sqrt(3)
+             ("cosine", 0.0): [12.0, 12.1, 11.9],  # mean 12.0: 2.0 above linear, ~15 s.e.
+             ("linear", 0.1): [10.1, 9.7, 10.3]}  # mean 10.033: inside linear's noise
+
+
+@pytest.fixture
+def seeded(tmp_path):
+    """Three settings x three seeds with the best FIDs above (last FID = best FID)."""
+    root = tmp_path / "multirun"
+    job = 0
+    for (schedule, dropout), values in BEST_FIDS.items():
+        for seed, value in enumerate(values):
+            write_run(root / f"{job}_x", schedule, dropout, [0.5, 0.4, 0.3 + seed / 100], [value + 5, value],
+                      seed=seed)
+            job += 1
+    return root
+
+
+def welch_p(a, b):
+    """Welch's t-test from its formulas: t with the Welch-Satterthwaite degrees of freedom."""
+    from scipy.stats import t as student_t
+
+    a, b = np.asarray(a), np.asarray(b)
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    t = (a.mean() - b.mean()) / np.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    return 2 * student_t.sf(abs(t), df)
+
+
+def test_seeds_make_one_setting_with_mean_and_standard_error(seeded):
+    runs = cmp.find_runs([seeded])
+    keys = cmp.differing_keys(runs)
+    assert "seed" in keys
+    groups = cmp.settings(runs, keys)
+    assert [len(g.runs) for g in groups] == [3, 3, 3] and all("seed" not in g.values for g in groups)
+    by_name = {(g.values["schedule"], g.values["model.dropout"]): g for g in groups}
+    for setting, values in BEST_FIDS.items():
+        mean, se, n = by_name[setting].stats("best_fid")
+        assert n == 3 and mean == pytest.approx(np.mean(values))
+        assert se == pytest.approx(np.std(values, ddof=1) / np.sqrt(3))
+    text = cmp.settings_table(groups)
+    rows = data_lines(text)
+    assert [r.split()[:3] for r in rows] == [["0.0", "linear", "3"], ["0.1", "linear", "3"], ["0.0", "cosine", "3"]]
+    assert "10 ± 0.1155" in rows[0] and "12 ± 0.05774" in rows[2]
+
+
+def test_welch_says_different_and_within_noise(seeded, capsys):
+    result = cmp.compare([seeded])
+    lines = result["statements"]
+    assert "Welch's t-test" in lines[0]
+    verdict = {line.split(":")[0].strip(): line for line in lines[1:]}
+    lin0 = "model.dropout=0.0, schedule=linear"
+    cos0 = "model.dropout=0.0, schedule=cosine"
+    lin1 = "model.dropout=0.1, schedule=linear"
+    different = verdict[f"{lin0}  vs  {cos0}"]
+    same = verdict[f"{lin0}  vs  {lin1}"]
+    assert "different" in different and "within noise" not in different
+    assert "within noise" in same
+    p_diff, p_same = welch_p(BEST_FIDS[("linear", 0.0)], BEST_FIDS[("cosine", 0.0)]), \
+        welch_p(BEST_FIDS[("linear", 0.0)], BEST_FIDS[("linear", 0.1)])
+    assert p_diff < 0.05 < p_same
+    assert f"p={p_diff:.3g}" in different and f"p={p_same:.3g}" in same
+    printed = capsys.readouterr().out
+    assert result["settings_table"] in printed and "cosine" in printed

@@ -13,7 +13,9 @@ from diffusion_lab.data import (
     ResumableLoader,
     TensorImageDataset,
     build_dataset,
+    folder_split,
     save_grid,
+    stratified_split,
     to_uint8,
 )
 from diffusion_lab.registry import DATASETS
@@ -34,8 +36,8 @@ def test_registered():
 
 def test_digits(digits8):
     ds = digits8
-    assert len(ds) == 1797
-    assert (ds.name, ds.channels, ds.image_size, ds.hflip) == ("digits", 1, 8, False)
+    assert len(ds) == 1438  # the train split
+    assert (ds.name, ds.split, ds.channels, ds.image_size, ds.hflip) == ("digits", "train", 1, 8, False)
     x = ds[0]
     assert x.shape == (1, 8, 8) and x.dtype == torch.float32
     assert ds.images.min().item() == -1.0 and ds.images.max().item() == 1.0
@@ -45,6 +47,35 @@ def test_digits_resized():
     ds = build_dataset("digits", image_size=16)
     assert ds[5].shape == (1, 16, 16) and ds.image_size == 16
     assert ds.images.min() >= -1.0 and ds.images.max() <= 1.0
+
+
+def _rows(images):
+    return {bytes(x.numpy().tobytes()) for x in images}
+
+
+def test_digits_split_disjoint_stratified_deterministic():
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    train, test = build_dataset("digits"), build_dataset("digits", split="test")
+    assert (len(train), len(test)) == (1438, 359) and test.split == "test"
+    # disjoint and complete: every image index lands in exactly one split (compare labels+pixels as a multiset)
+    every = torch.from_numpy(raw.images).float().unsqueeze(1) / 8.0 - 1.0
+    assert sorted(_rows(train.images) | _rows(test.images)) == sorted(_rows(every))
+    idx = {s: i for s, i in stratified_split(raw.target, 0.2, 0).items()}
+    assert not set(idx["train"]) & set(idx["test"]) and len(idx["train"]) + len(idx["test"]) == 1797
+    torch.testing.assert_close(test.images, every[idx["test"]], rtol=0, atol=0)
+    # stratified: each digit has round(20%) of its images in test
+    for c in range(10):
+        n_c = int((raw.target == c).sum())
+        assert int((test.labels == c).sum()) == round(0.2 * n_c)
+    # deterministic for a seed, different for another
+    again = build_dataset("digits", split="test")
+    torch.testing.assert_close(again.images, test.images, rtol=0, atol=0)
+    other = build_dataset("digits", split="test", split_seed=1)
+    assert _rows(other.images) != _rows(test.images)
+    with pytest.raises(ValueError, match="unknown split"):
+        build_dataset("digits", split="val")
 
 
 # --------------------------------------------------------------------------------------------- cifar10
@@ -67,6 +98,9 @@ def test_cifar10_tiny_through_torchvision(tmp_path):
     torch.testing.assert_close(x, expected, atol=1e-6, rtol=0)
     small = build_dataset("cifar10", root=str(tmp_path), download=False, verify_checksums=False, image_size=16)
     assert small[3].shape == (3, 16, 16) and small.image_size == 16
+    test = build_dataset("cifar10", root=str(tmp_path), download=False, verify_checksums=False, split="test")
+    assert len(test) == 2 and test.split == "test"  # the official test_batch (2 images per file here)
+    assert not _rows(torch.stack([test[i] for i in range(2)])) & _rows(x)
 
 
 def test_cifar10_missing(tmp_path):
@@ -98,13 +132,31 @@ def test_folder(tmp_path):
     Image.fromarray(np.zeros((10, 12), np.uint8)).save(tmp_path / "gray.jpg")  # grayscale -> RGB
     (tmp_path / "notes.txt").write_text("not an image")
     ds = build_dataset("folder", root=str(tmp_path), image_size=16)
-    assert len(ds) == 4 and ds.channels == 3 and ds.hflip
+    held_out = build_dataset("folder", root=str(tmp_path), image_size=16, split="test")
+    assert (len(ds), len(held_out)) == (3, 1) and ds.channels == 3 and ds.hflip  # 4 images, 10% -> at least 1
     for i in range(len(ds)):
         x = ds[i]
         assert x.shape == (3, 16, 16)
         assert x.min() >= -1.0 and x.max() <= 1.0
     gray = build_dataset("folder", root=str(tmp_path), image_size=8, channels=1)
     assert gray[0].shape == (1, 8, 8)
+
+
+def test_folder_splits(tmp_path):
+    for i in range(20):
+        Image.fromarray(np.full((8, 8, 3), i * 10, np.uint8)).save(tmp_path / f"im{i:02d}.png")
+    files = sorted(tmp_path.glob("*.png"))
+    split = folder_split(files, tmp_path, 0.1, 0)
+    assert len(split["test"]) == 2 and len(split["train"]) == 18 and not set(split["test"]) & set(split["train"])
+    assert folder_split(files, tmp_path, 0.1, 0) == split and folder_split(files, tmp_path, 0.1, 1) != split
+    train, test = (build_dataset("folder", root=str(tmp_path), image_size=8, split=s) for s in ("train", "test"))
+    assert (len(train), len(test)) == (18, 2)
+    # a val/ subfolder is the test split
+    (tmp_path / "val").mkdir()
+    for i in range(3):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "val" / f"v{i}.png")
+    train, test = (build_dataset("folder", root=str(tmp_path), image_size=8, split=s) for s in ("train", "test"))
+    assert (len(train), len(test)) == (20, 3) and all(test[i].max() == -1.0 for i in range(3))
 
 
 def test_folder_errors(tmp_path):

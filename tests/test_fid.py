@@ -15,7 +15,10 @@ from scipy import linalg
 from sklearn.datasets import load_digits
 
 from diffusion_lab import fid
+from diffusion_lab.features import SmallFeatureExtractor
 from diffusion_lab.fid import FIDEvaluator, FIDResult
+
+SMALL = SmallFeatureExtractor.label
 
 
 @pytest.fixture(autouse=True)
@@ -90,7 +93,7 @@ def test_self_disjoint_and_noise_fid(digits, tmp_path):
     a, b = digits[:200], digits[200:400]
     ev = small_evaluator(tmp_path, batch_size=90)
     ev.set_reference("digits-a", a)
-    assert ev.reference == "digits-a custom stats (200 images)"
+    assert ev.reference == "digits-a train (200 images)"
 
     calls = []
     same = ev.compute(reader(a, calls), 200)
@@ -106,8 +109,9 @@ def test_self_disjoint_and_noise_fid(digits, tmp_path):
     assert disjoint.value < 0.05 * noisy.value
     assert noisy.value > 0.5
     assert isinstance(noisy, FIDResult)
-    assert noisy.label() == "FID[clean, small, 200 samples vs digits-a custom stats (200 images)]"
-    assert noisy.extractor == "small" and noisy.num_samples == 200 and noisy.mode == "clean"
+    assert noisy.label() == f"FID[clean, {SMALL}, 200 samples vs digits-a train (200 images)]"
+    assert noisy.extractor == SMALL and noisy.num_samples == 200 and noisy.mode == "clean"
+    assert "random net" in SMALL  # the last resort says so in every label
 
 
 def test_clean_fid_code_path_and_frechet_cross_check(digits, tmp_path, monkeypatch):
@@ -153,8 +157,8 @@ def test_reference_stats_cached_and_reused(digits, tmp_path, monkeypatch, caplog
     ref = digits[:120]
     ev = small_evaluator(tmp_path, max_ref_images=100)
     ev.set_reference("digits", ref)
-    path = fid.stats_path(str(tmp_path), "digits", 8, "clean", "small-v1", 100, fid.fingerprint(ref[:100]))
-    assert os.path.basename(path).startswith("digits_8px_clean_small-v1_n100_")
+    path = fid.stats_path(str(tmp_path), "digits_train", 8, "clean", "small-v1", 100, fid.fingerprint(ref[:100]))
+    assert os.path.basename(path).startswith("digits_train_8px_clean_small-v1_n100_")
     assert ev.reference_source == "computed" and os.path.exists(path)
     mtime = os.path.getmtime(path)
 
@@ -168,7 +172,7 @@ def test_reference_stats_cached_and_reused(digits, tmp_path, monkeypatch, caplog
     assert ev2.reference_source == "cache" and "loaded from cache" in caplog.text
     assert os.path.getmtime(path) == mtime
     np.testing.assert_array_equal(ev2.ref_sigma, ev.ref_sigma)
-    assert ev2.reference == "digits custom stats (100 images)"
+    assert ev2.reference == "digits train (100 images)"
 
     # other images under the same name and count do not hit that cache entry
     monkeypatch.undo()
@@ -250,7 +254,7 @@ def test_cifar10_precomputed_stats_or_custom_fallback(tmp_path, monkeypatch, cap
     ev = FIDEvaluator(download=True, **kwargs)  # download attempted, fails (offline)
     with caplog.at_level("WARNING", logger="diffusion_lab.fid"):
         ev.set_reference("cifar10", images)
-    assert ev.extractor_name == "inception" and ev.reference == "cifar10 custom stats (40 images)"
+    assert ev.extractor_name == "inception" and ev.reference == "cifar10 train (40 images)"
     assert url in caplog.text and not os.path.exists(stats_file)
 
     os.makedirs(os.path.dirname(stats_file), exist_ok=True)

@@ -12,7 +12,7 @@ import torch
 from diffusion_lab import checkpoint
 from diffusion_lab.plots import read_metrics
 from diffusion_lab.train import train
-from tests.helpers import REPO, TINY, compose_config, run_cli, write_tiny_cifar
+from tests.helpers import REPO, TINY, compose_config, read_wandb_records, run_cli, write_tiny_cifar
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +36,48 @@ def test_run_leaves_every_artefact(tiny_run):
     assert summary["steps"] == 6 and summary["wandb"]["mode"] == "offline"
     assert json.loads((run_dir / "summary.json").read_text())["final_loss"] == pytest.approx(summary["final_loss"])
     assert list((run_dir / "wandb").glob("offline-run-*")), "an offline W&B run is written"
+
+
+def wandb_run(run_dir):
+    """(run record, final summary, history rows) of the run's offline .wandb file, read with wandb's Record."""
+    files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1, files
+    run, summary, history = None, {}, []
+    for record in read_wandb_records(files[0]):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = record.run
+        elif kind == "summary":
+            summary.update({u.key or ".".join(u.nested_key): json.loads(u.value_json) for u in record.summary.update})
+        elif kind == "history":
+            history.append({i.key or ".".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+    return run, summary, history
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def test_floor_and_numbers_in_summary_json_and_wandb(tiny_run):
+    run_dir, summary = tiny_run
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert is_number(saved["fid_floor"]) and 0 < saved["fid_floor"] < saved["best_fid"]
+    assert saved["fid_floor_n"] == 64 and saved["fid_reference"] == "digits test (359 images)"
+    assert "digits classifier" in saved["fid_label"] and saved["final_fid"] == saved["fid_history"][-1][1]
+    metrics = [r for r in read_metrics(run_dir / "metrics.jsonl") if "fid" in r]
+    assert [r["fid_floor"] for r in metrics] == [saved["fid_floor"]] * 2 and all("is_like" in r for r in metrics)
+
+    run, wb, history = wandb_run(run_dir)
+    assert run.job_type == "train"
+    for key in ("final_loss", "best_fid", "final_fid", "fid_floor", "loss", "fid"):
+        assert is_number(wb[key]), (key, wb.get(key))
+    for key in ("final_loss", "best_fid", "fid_floor"):
+        assert wb[key] == pytest.approx(saved[key])
+    assert wb["fid_label"] == saved["fid_label"]
+    types = {k[: -len("._type")]: v for row in history for k, v in row.items() if k.endswith("._type")}
+    assert {"plots/loss", "plots/fid", "plots/samples"} <= set(types) and set(types.values()) == {"image-file"}
+    assert not any(k.startswith(("loss.", "fid.")) for row in history for k in row)  # no picture under a number's key
+    assert all(is_number(row[k]) for row in history for k in ("loss", "fid") if k in row)
 
 
 def test_checkpoint_holds_everything_to_continue(tiny_run):
@@ -91,12 +133,16 @@ def test_cli_multirun_two_jobs_one_wandb_group(tmp_path, launcher):
     assert result.returncode == 0, result.stderr[-3000:]
     summaries = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/summary.json"))]
     assert len(summaries) == 2
-    assert {s["wandb"]["group"] for s in summaries} == {f"sweep-{sweep.parent.name}-{sweep.name}"}
+    assert {s["wandb"]["group"] for s in summaries} == {f"schedule {sweep.parent.name}/{sweep.name}"}
     assert len({s["wandb"]["id"] for s in summaries}) == 2
     names = [s["name"] for s in summaries]
     assert sum("schedule=linear" in n for n in names) == sum("schedule=cosine" in n for n in names) == 1
+    tags = []
     for s in summaries:
-        assert list((sweep / s["run_dir"].split("/")[-1] / "wandb").glob("offline-run-*"))
+        run, _, _ = wandb_run(sweep / s["run_dir"].split("/")[-1])
+        assert run.run_group == s["wandb"]["group"] and run.job_type == "train"
+        tags.append(list(run.tags))
+    assert sorted(tags) == [["schedule=cosine"], ["schedule=linear"]]  # the swept key, not the fixed overrides
 
 
 @pytest.mark.parametrize("override,needle", [
