@@ -51,17 +51,19 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> List[Dict]:
         nfe = num_evaluations(name, settings, trained.schedule.num_timesteps)
         tag = f"{name}-{nfe}"
         save_grid(images[:64], run_dir / f"grid_{tag}.png")
-        rows.append({"sampler": name, "nfe": nfe, "fid": result.value, "seconds": seconds,
+        rows.append({"sampler": name, "nfe": nfe, "fid": result.value, "fid_floor": result.floor, "seconds": seconds,
                      "seconds_per_image": seconds / cfg.num_samples, "settings": json.dumps(settings)})
         label = result.label()
-        print(f"{tag:>16}  NFE {nfe:5d}  FID {result.value:9.4f}  {seconds:7.1f}s")
+        print(f"{tag:>16}  NFE {nfe:5d}  FID {result.value:9.4f} (floor {result.floor:.4f})  {seconds:7.1f}s")
     with open(run_dir / "fid_vs_cost.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    (run_dir / "fid_vs_cost.json").write_text(json.dumps({"label": label, "checkpoint": str(cfg.checkpoint),
+    (run_dir / "fid_vs_cost.json").write_text(json.dumps({"label": label, "floor": evaluator.floor,
+                                                          "floor_n": evaluator.floor_n, "checkpoint": str(cfg.checkpoint),
                                                           "step": trained.step, "rows": rows}, indent=2))
-    plot_fid_vs_cost(rows, run_dir / "fid_vs_cost.png", f"{label}, checkpoint step {trained.step}")
+    plot_fid_vs_cost(rows, run_dir / "fid_vs_cost.png", f"{label}, checkpoint step {trained.step}",
+                     floor=(evaluator.floor, evaluator.floor_n))
     print(f"{label}\nwrote {run_dir / 'fid_vs_cost.png'} and fid_vs_cost.csv")
     return rows
 

@@ -131,14 +131,16 @@ def denoising_trajectory(trajectory, path: Path, num_images: int = 4) -> Path:
     return image_rows(rows, [f"t={t}" for t in trajectory.timesteps], path, "denoising trajectory")
 
 
-def plot_fid_vs_cost(rows: List[Dict], path: Path, label: str) -> Path:
-    """FID against NFE (log x) and against seconds per image, one line per sampler."""
+def plot_fid_vs_cost(rows: List[Dict], path: Path, label: str, floor: Optional[tuple] = None) -> Path:
+    """FID against NFE (log x) and against seconds per image, one line per sampler; floor: (value, n) drawn dashed."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for name in sorted({r["sampler"] for r in rows}):
         mine = sorted((r for r in rows if r["sampler"] == name), key=lambda r: r["nfe"])
         for ax, key in zip(axes, ("nfe", "seconds_per_image")):
             ax.plot([r[key] for r in mine], [r["fid"] for r in mine], marker="o", label=name)
     for ax, xlabel in zip(axes, ("model evaluations (NFE)", "wall seconds per image")):
+        if floor and floor[0] is not None:
+            ax.axhline(floor[0], color="gray", linestyle="--", linewidth=1, label=f"floor (real train images, n={floor[1]})")
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("FID")

@@ -293,3 +293,22 @@ def test_legacy_modes(mode, digits, tmp_path):
     ev.set_reference("digits", digits[:50])
     result = ev.compute(noise_source(), 50)
     assert result.value > 0.1 and result.mode == mode
+
+
+def test_floor_is_the_fid_of_real_training_images_and_is_cached(digits, tmp_path, monkeypatch):
+    train, test = digits[:600], digits[600:900]
+    ev = small_evaluator(tmp_path, num_samples=200)
+    ev.set_reference("digits", test, split="test")
+    floor = ev.set_floor(train)
+    assert ev.floor_n == 200 and floor == ev.floor
+    order = torch.randperm(600, generator=torch.Generator().manual_seed(fid.FLOOR_SEED))[:200]
+    assert floor == pytest.approx(reference_fid(ev.features(train[order]), ev.features(test)), rel=1e-6)
+    result = ev.compute(noise_source(), 200)
+    assert (result.floor, result.floor_n) == (floor, 200) and result.value > 20 * floor
+    assert str(result).startswith(f"FID {result.value:.4f} (floor {floor:.4f}, n=200, vs digits test (300 images))")
+    assert ev.set_floor(train[:150]) != floor and ev.floor_n == 150  # fewer images than asked: all of them
+
+    monkeypatch.setattr(cfid, "get_model_features", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    cached = small_evaluator(tmp_path, num_samples=200)
+    cached.set_reference("digits", test, split="test")  # statistics and floor both come from the cache
+    assert cached.reference_source == "cache" and cached.set_floor(train) == floor

@@ -46,19 +46,21 @@ def test_sample_round_trips_every_objective(checkpoints, tmp_path, objective):
 
 def test_sample_with_fid(checkpoints, tmp_path):
     summary = sample(sample_config(checkpoints["eps"], "fid=true", "eval.feature_extractor=small"), tmp_path)
-    assert summary["fid"]["value"] > 0 and "small" in summary["fid"]["label"]
+    assert summary["fid"]["value"] > 0 and "small random net" in summary["fid"]["label"]
+    assert 0 < summary["fid"]["floor"] < summary["fid"]["value"] and summary["fid"]["floor_n"] == 10
 
 
 def test_evaluate_fid_against_cost(checkpoints, tmp_path):
-    cfg = compose_config([f"checkpoint={checkpoints['v']}", "num_samples=16", "batch_size=8",
-                          "eval.feature_extractor=small"], config_name="evaluate")
+    cfg = compose_config([f"checkpoint={checkpoints['v']}", "num_samples=16", "batch_size=8"],
+                         config_name="evaluate")
     cfg.samplers = OmegaConf.create([{"name": "ddim", "steps": 2}, {"name": "ddim", "steps": 4},
                                      {"name": "dpm_solver", "steps": 3}])
     rows = evaluate(cfg, tmp_path)
     assert [(r["sampler"], r["nfe"]) for r in rows] == [("ddim", 2), ("ddim", 4), ("dpm_solver", 3)]
     assert all(r["fid"] > 0 and r["seconds"] > 0 for r in rows)
     saved = json.loads((tmp_path / "fid_vs_cost.json").read_text())
-    assert len(saved["rows"]) == 3 and "small" in saved["label"]
+    assert len(saved["rows"]) == 3 and "digits classifier" in saved["label"] and saved["floor_n"] == 16
+    assert all(r["fid_floor"] == saved["floor"] for r in rows)
     assert (tmp_path / "fid_vs_cost.png").stat().st_size > 0 and (tmp_path / "fid_vs_cost.csv").is_file()
 
 
