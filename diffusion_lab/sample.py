@@ -22,7 +22,8 @@ from . import checkpoint
 from .build import build_dataset, build_model, build_objective, build_sampler, build_schedule, resolve_device
 from .config import CONF_DIR, run_command
 from .data import save_grid, to_uint8
-from .fid import FIDEvaluator, build_evaluator
+from .fid import FIDEvaluator
+from .fid_tracker import build_evaluator
 from .objectives import Objective
 from .schedules import NoiseSchedule
 

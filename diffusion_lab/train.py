@@ -26,7 +26,7 @@ from .build import build_components, build_dataset, params, resolve_device
 from .config import CONF_DIR, ConfigError, check_overrides, fail, validate
 from .data import DatasetNotFoundError, ResumableLoader, save_grid
 from .ema import EMA
-from .fid import FIDTracker
+from .fid_tracker import FIDTracker
 from .loggers import LOGGERS, sweep_group, sweep_tags, swept_keys
 from .models import count_parameters
 from .optim import TrainStep, build_optimizer

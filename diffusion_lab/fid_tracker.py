@@ -1,0 +1,111 @@
+"""FID as the commands use it: config -> evaluator with its reference and noise floor (``build_evaluator``),
+and FID during training (``FIDTracker``)."""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import torch
+
+from .features import digits_classifier
+from .fid import FIDEvaluator, FIDResult
+
+
+def build_evaluator(eval_cfg, datasets: Callable[[str], torch.utils.data.Dataset], device, num_samples: int,
+                    progress: bool = True) -> FIDEvaluator:
+    """The evaluator of ``eval_cfg`` with its reference (split ``eval.reference``) and the floor at ``num_samples``.
+
+    datasets(split) -> that split of the configured data; ``auto`` picks the digits classifier for digits
+    (trained on this config's train split) and Inception for everything else.
+    """
+    train = datasets("train")
+    extractor = eval_cfg.feature_extractor
+    if extractor == "auto":
+        extractor = "digits" if train.name == "digits" else "inception"
+    if extractor == "digits":
+        if getattr(train, "labels", None) is None:
+            raise ValueError(f"eval.feature_extractor=digits needs the digits data, not {train.name}")
+        extractor = digits_classifier(train.images, train.labels)
+    evaluator = FIDEvaluator(mode=eval_cfg.mode, feature_extractor=extractor, fallback=eval_cfg.fallback,
+                             num_samples=num_samples, batch_size=eval_cfg.batch_size, device=device, progress=progress)
+    if evaluator.enabled:
+        reference = train if eval_cfg.reference == "train" else datasets(eval_cfg.reference)
+        evaluator.set_reference(train.name, reference, resolution=train.image_size, split=eval_cfg.reference)
+        evaluator.set_floor(train, num_samples)
+    return evaluator
+
+
+class FIDTracker:
+    """FID during training: every `eval.every` steps on EMA samples, the best value and its history.
+
+    Evaluation runs under `torch.random.fork_rng`, so switching FID on or off never changes training.
+    The starting noise is the same at every evaluation, so values compare over time.
+    datasets(split) -> that split of the run's data (FID's reference is split `eval.reference`).
+    """
+
+    def __init__(self, eval_cfg, datasets: Callable[[str], torch.utils.data.Dataset], device: torch.device, seed: int = 0):
+        self.every = int(eval_cfg.every)
+        self.num_samples, self.seed = int(eval_cfg.num_samples), seed
+        train = datasets("train")
+        self.shape = (train.channels, train.image_size, train.image_size)
+        self.device = torch.device(device)
+        self.history: list = []  # [(step, value)]
+        self.best: Optional[float] = None
+        self.label: Optional[str] = None
+        self.last: Optional[FIDResult] = None
+        self.evaluator: Optional[FIDEvaluator] = None
+        if self.every > 0:
+            with torch.random.fork_rng(devices=[]):  # the floor's subset and clean-fid's dummy z leave training alone
+                self.evaluator = build_evaluator(eval_cfg, datasets, device, self.num_samples, progress=False)
+            if self.evaluator.enabled:
+                print(f"FID reference: {self.evaluator.reference}; floor {self.evaluator.floor:.4f} "
+                      f"(FID of {self.evaluator.floor_n} real training images, {self.evaluator.extractor_label})")
+
+    @property
+    def enabled(self) -> bool:
+        return self.evaluator is not None and self.evaluator.enabled
+
+    def due(self, step: int) -> bool:
+        return self.enabled and step % self.every == 0
+
+    def evaluate(self, sample: Callable[[torch.Tensor, int], torch.Tensor]) -> FIDResult:
+        """FID of `num_samples` images from sample(x_T, seed) against the reference statistics."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            noise = torch.Generator().manual_seed(self.seed)
+            calls = iter(range(self.num_samples))
+
+            def generate(b: int) -> torch.Tensor:
+                x_T = torch.randn((b, *self.shape), generator=noise)
+                return sample(x_T, self.seed + next(calls)).cpu()
+
+            result = self.evaluator.compute(generate, self.num_samples)
+        self.label, self.last = result.label(), result
+        return result
+
+    def record(self, step: int, result: FIDResult) -> bool:
+        """Add a value to the history; True when it is the best so far."""
+        self.history.append((step, result.value))
+        if self.best is None or result.value < self.best:
+            self.best = result.value
+            return True
+        return False
+
+    def floors(self) -> Dict[str, float]:
+        """{legend: value} of the noise floor, for plots."""
+        ev = self.evaluator
+        return {f"floor (real train images, n={ev.floor_n})": ev.floor} if self.enabled and ev.floor is not None else {}
+
+    def state_dict(self) -> dict:
+        return {"history": list(self.history), "best": self.best, "label": self.label}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history, self.best, self.label = list(state["history"]), state["best"], state["label"]
+
+    def summary(self) -> dict:
+        """best_fid, final_fid, the floor beside them, the label and the history (summary.json, W&B summary)."""
+        ev = self.evaluator if self.enabled else None
+        return {"fid_history": self.history, "best_fid": self.best,
+                "final_fid": self.history[-1][1] if self.history else None,
+                "fid_floor": ev.floor if ev else None, "fid_floor_n": ev.floor_n if ev else None,
+                "fid_reference": ev.reference if ev else None, "fid_label": self.label,
+                **({f"final_{k}": v for k, v in self.last.scores.items()} if self.last else {})}
