@@ -38,8 +38,22 @@ def test_run_leaves_every_artefact(tiny_run):
     assert list((run_dir / "wandb").glob("offline-run-*")), "an offline W&B run is written"
 
 
+def _updated(tree, items):
+    """Apply W&B summary/history items (a `key`, or a `nested_key` path, and a JSON value) to a nested dict."""
+    for item in items:
+        path = [item.key] if item.key else list(item.nested_key)
+        node = tree
+        for key in path[:-1]:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}  # a picture replaces whatever number was there
+            node = node[key]
+        node[path[-1]] = json.loads(item.value_json)
+    return tree
+
+
 def wandb_run(run_dir):
-    """(run record, final summary, history rows) of the run's offline .wandb file, read with wandb's Record."""
+    """(run record, final summary, history rows) of the run's offline .wandb file, read with wandb's Record;
+    a picture logged under a key turns that key's value into a dict, as in the W&B UI."""
     files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1, files
     run, summary, history = None, {}, []
@@ -48,9 +62,9 @@ def wandb_run(run_dir):
         if kind == "run":
             run = record.run
         elif kind == "summary":
-            summary.update({u.key or ".".join(u.nested_key): json.loads(u.value_json) for u in record.summary.update})
+            _updated(summary, record.summary.update)
         elif kind == "history":
-            history.append({i.key or ".".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+            history.append(_updated({}, record.history.item))
     return run, summary, history
 
 
@@ -74,9 +88,9 @@ def test_floor_and_numbers_in_summary_json_and_wandb(tiny_run):
     for key in ("final_loss", "best_fid", "fid_floor"):
         assert wb[key] == pytest.approx(saved[key])
     assert wb["fid_label"] == saved["fid_label"]
-    types = {k[: -len("._type")]: v for row in history for k, v in row.items() if k.endswith("._type")}
+    types = {k: v["_type"] for row in history for k, v in row.items() if isinstance(v, dict) and "_type" in v}
     assert {"plots/loss", "plots/fid", "plots/samples"} <= set(types) and set(types.values()) == {"image-file"}
-    assert not any(k.startswith(("loss.", "fid.")) for row in history for k in row)  # no picture under a number's key
+    assert all(k.startswith("plots/") for k in types)  # no picture under a number's key
     assert all(is_number(row[k]) for row in history for k in ("loss", "fid") if k in row)
 
 
