@@ -251,10 +251,11 @@ class Setting:
 
 
 def settings(runs: Sequence[Run], keys: Sequence[str]) -> List[Setting]:
-    """The runs grouped by their values of `keys` other than `seed`, in order of first appearance."""
+    """The finished runs grouped by their values of `keys` other than `seed`, in order of first appearance
+    (an unfinished or interrupted run had another budget: it stays in the per-run table only)."""
     keys = [k for k in keys if k != SEED]
     groups: Dict[str, Setting] = {}
-    for run in runs:
+    for run in (r for r in runs if not r.note):
         values = {k: run.config.get(k) for k in keys}
         groups.setdefault(_key(values), Setting(values, [])).runs.append(run)
     return list(groups.values())
@@ -382,7 +383,9 @@ def compare(paths: Sequence[Path], out: Optional[Path] = None, metric: str = "be
     summary_text = settings_table(groups, metric)
     statements = noise_statements(groups, metric)
     text = table(runs, keys, metric)
-    print("\n".join([summary_text, "", *statements, *([""] if statements else []), text]))
+    left_out = sum(1 for r in runs if r.note)
+    note = [f"({left_out} unfinished or interrupted run(s) left out of the settings above)"] if left_out else []
+    print("\n".join([summary_text, *note, "", *statements, *([""] if statements else []), text]))
     for line in fid_labels(runs):
         print(line)
     plots = plot(runs, keys, out)

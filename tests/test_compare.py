@@ -97,6 +97,8 @@ def test_run_without_summary_is_listed_and_marked(sweep, capsys):
     assert crashed[:9] == ["2", "0.1", "linear", "0.1000", "15", "15", "-", "10", "-"]
     assert lines[0].endswith("no summary.json") and not lines[1].endswith("summary.json")
     assert (sweep / "compare_loss.png").stat().st_size > 0 and (sweep / "compare.csv").is_file()
+    assert sorted(len(g.runs) for g in result["settings"]) == [1, 1]  # the unfinished run is not averaged in
+    assert "1 unfinished or interrupted run(s) left out" in capsys.readouterr().out
 
 
 def test_no_fid_skips_fid_plot(tmp_path, capsys):
