@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from .build import resolve_device
 from .config import CONF_DIR, run_command
 from .data import save_grid
+from .loggers import log_linked_run
 from .plots import plot_fid_vs_cost
 from .sample import generate, load_trained, make_fid_evaluator
 from .samplers import build_sampler, num_evaluations
@@ -64,6 +65,10 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> List[Dict]:
                                                           "step": trained.step, "rows": rows}, indent=2))
     plot_fid_vs_cost(rows, run_dir / "fid_vs_cost.png", f"{label}, checkpoint step {trained.step}",
                      floor=(evaluator.floor, evaluator.floor_n))
+    values = {f"fid/{r['sampler']}-{r['nfe']}": r["fid"] for r in rows}
+    log_linked_run(OmegaConf.to_container(trained.config), trained.source, "evaluate", run_dir,
+                   OmegaConf.to_container(cfg), {**values, "fid_floor": evaluator.floor, "fid_label": label},
+                   {"fid_vs_cost": run_dir / "fid_vs_cost.png"})
     print(f"{label}\nwrote {run_dir / 'fid_vs_cost.png'} and fid_vs_cost.csv")
     return rows
 

@@ -137,3 +137,21 @@ def sweep_group(keys: Sequence[str], sweep_dir: Path) -> str:
 def sweep_tags(keys: Sequence[str], overrides: Sequence[str]) -> List[str]:
     """This job's `key=value` for each swept key (W&B tags are at most 64 characters)."""
     return [o[:64] for o in overrides if o.lstrip("+~").split("=", 1)[0] in keys]
+
+
+def log_linked_run(train_config: Dict[str, Any], source: Dict[str, Any], job_type: str, run_dir: Path,
+                   config: Dict[str, Any], values: Dict[str, Any], pictures: Dict[str, Path]) -> Optional[Dict]:
+    """A `sample` or `evaluate` result as its own W&B run linked to the checkpoint's run (same project, entity,
+    mode and group; `source` = {"run": id, "group": ...} also in its config); values go to its summary,
+    pictures under plots/*. None, and nothing logged, when the checkpoint's run did not use W&B."""
+    settings = dict(train_config.get("logger") or {})
+    if settings.pop("name", None) != "wandb":
+        return None
+    settings = {k: v for k, v in settings.items() if k in ("project", "entity", "mode", "tags")}
+    logger = WandbLogger(run_dir, {**config, "source_run": source.get("run")}, name=f"{job_type} of {source.get('run')}",
+                         group=source.get("group"), job_type=job_type, log_checkpoint=False, **settings)
+    logger.summarize(values)
+    logger.log_images(pictures, 0)
+    info = logger.info()
+    logger.finish()
+    return info

@@ -24,6 +24,7 @@ from .config import CONF_DIR, run_command
 from .data import save_grid, to_uint8
 from .fid import FIDEvaluator
 from .fid_tracker import build_evaluator
+from .loggers import log_linked_run
 from .objectives import Objective
 from .schedules import NoiseSchedule
 
@@ -38,6 +39,7 @@ class Trained:
     config: DictConfig
     image_shape: tuple
     step: int
+    source: dict  # the W&B run that trained it: {"run": id, "group": group} (None values without W&B)
 
 
 def load_trained(path: Path, device: torch.device) -> Trained:
@@ -50,8 +52,10 @@ def load_trained(path: Path, device: torch.device) -> Trained:
     model = build_model(cfg, image_size, channels).to(device)
     model.load_state_dict(state["train_step"]["ema"]["module"])
     model.eval()
+    run_summary = path.parent.parent / "summary.json"  # <run dir>/checkpoints/<name>.pt
+    group = json.loads(run_summary.read_text()).get("group") if run_summary.is_file() else None
     return Trained(model, build_schedule(cfg).to(device), build_objective(cfg), cfg,
-                   tuple(state["image_shape"]), state["step"])
+                   tuple(state["image_shape"]), state["step"], {"run": state.get("wandb_run_id"), "group": group})
 
 
 def generate(trained: Trained, sampler: Callable, num_samples: int, batch_size: int, seed: int,
@@ -90,6 +94,10 @@ def sample(cfg: DictConfig, run_dir: Path) -> dict:
             print(result)
             summary["fid"] = {"value": result.value, "label": result.label(), "floor": result.floor,
                               "floor_n": result.floor_n, **result.scores}
+    values = {f"fid_{k}" if k != "value" else "fid": v for k, v in summary.get("fid", {}).items()}
+    summary["wandb"] = log_linked_run(OmegaConf.to_container(trained.config), trained.source, "sample", run_dir,
+                                      OmegaConf.to_container(cfg), {"num_samples": cfg.num_samples, **values},
+                                      {"grid": run_dir / "grid.png"})
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"wrote {run_dir / 'grid.png'} and {run_dir / 'samples.npz'} ({cfg.num_samples} images)")
     return summary

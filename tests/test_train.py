@@ -94,6 +94,21 @@ def test_floor_and_numbers_in_summary_json_and_wandb(tiny_run):
     assert all(is_number(row[k]) for row in history for k in ("loss", "fid") if k in row)
 
 
+def test_sample_logs_a_linked_wandb_run(tiny_run, tmp_path):
+    from diffusion_lab.sample import sample
+
+    run_dir, summary = tiny_run
+    cfg = compose_config([f"checkpoint={run_dir / 'checkpoints' / 'last.pt'}", "num_samples=16", "fid=true",
+                          "sampler.steps=3"], config_name="sample")
+    result = sample(cfg, tmp_path / "sample")
+    run, wb, history = wandb_run(tmp_path / "sample")
+    assert run.job_type == "sample" and result["wandb"]["id"] == run.run_id != summary["wandb"]["id"]
+    source = {u.key: json.loads(u.value_json) for u in run.config.update}["source_run"]
+    assert source == summary["wandb"]["id"]  # linked to the run that trained the checkpoint
+    assert wb["fid"] == pytest.approx(result["fid"]["value"]) and is_number(wb["fid_floor"]) and wb["num_samples"] == 16
+    assert any(isinstance(row.get("plots/grid"), dict) for row in history)
+
+
 def test_checkpoint_holds_everything_to_continue(tiny_run):
     run_dir, _ = tiny_run
     state = checkpoint.load(run_dir / "checkpoints" / "last.pt")
