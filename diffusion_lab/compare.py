@@ -250,10 +250,11 @@ class Setting:
         return ", ".join(f"{k}={_show(v)}" for k, v in self.values.items()) or "all runs"
 
 
-def settings(runs: Sequence[Run], keys: Sequence[str]) -> List[Setting]:
-    """The finished runs grouped by their values of `keys` other than `seed`, in order of first appearance
-    (an unfinished or interrupted run had another budget: it stays in the per-run table only)."""
-    keys = [k for k in keys if k != SEED]
+def settings(runs: Sequence[Run], keys: Sequence[str], pool: Sequence[str] = ()) -> List[Setting]:
+    """The finished runs grouped by their values of `keys` other than `seed` and `pool`, in order of first
+    appearance (an unfinished or interrupted run had another budget: it stays in the per-run table only).
+    Pooling a key tests the other factors averaged over it, which assumes the two do not interact."""
+    keys = [k for k in keys if k != SEED and k not in pool]
     groups: Dict[str, Setting] = {}
     for run in (r for r in runs if not r.note):
         values = {k: run.config.get(k) for k in keys}
@@ -369,7 +370,8 @@ def write_csv(runs: Sequence[Run], keys: Sequence[str], metric: str, path: Path)
     return Path(path)
 
 
-def compare(paths: Sequence[Path], out: Optional[Path] = None, metric: str = "best_fid") -> Dict[str, Any]:
+def compare(paths: Sequence[Path], out: Optional[Path] = None, metric: str = "best_fid",
+            pool: Sequence[str] = ()) -> Dict[str, Any]:
     """Print the settings table, the noise statements, the per-run table and the FID label; write plots and
     csv into `out` (default: the first path)."""
     runs = find_runs(paths)
@@ -379,12 +381,13 @@ def compare(paths: Sequence[Path], out: Optional[Path] = None, metric: str = "be
     keys = differing_keys(runs)
     out = Path(out or paths[0])
     out.mkdir(parents=True, exist_ok=True)
-    groups = settings(runs, keys)
+    groups = settings(runs, keys, pool)
     summary_text = settings_table(groups, metric)
     statements = noise_statements(groups, metric)
     text = table(runs, keys, metric)
     left_out = sum(1 for r in runs if r.note)
     note = [f"({left_out} unfinished or interrupted run(s) left out of the settings above)"] if left_out else []
+    note += [f"(pooled over {', '.join(pool)}: runs that differ in it count as one setting)"] if pool else []
     print("\n".join([summary_text, *note, "", *statements, *([""] if statements else []), text]))
     for line in fid_labels(runs):
         print(line)
@@ -404,9 +407,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--metric", choices=METRICS, default="best_fid",
                         help="sort by this and test it between settings (losses of different schedules or "
                              "objectives are not comparable)")
+    parser.add_argument("--pool", help="comma-separated config keys to pool over like seeds, e.g. model.dropout to "
+                                       "test the schedule across dropout values")
     args = parser.parse_args(argv)
     try:
-        compare(args.paths, args.out, args.metric)
+        compare(args.paths, args.out, args.metric, [k for k in (args.pool or "").split(",") if k])
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -193,3 +193,15 @@ def test_welch_says_different_and_within_noise(seeded, capsys):
     assert f"p={p_diff:.3g}" in different and f"p={p_same:.3g}" in same
     printed = capsys.readouterr().out
     assert result["settings_table"] in printed and "cosine" in printed
+
+
+def test_pooling_a_key_tests_the_other_factor(seeded):
+    runs = cmp.find_runs([seeded])
+    groups = cmp.settings(runs, cmp.differing_keys(runs), pool=["model.dropout"])
+    by_schedule = {g.values["schedule"]: g for g in groups}
+    assert set(by_schedule) == {"linear", "cosine"} and all("model.dropout" not in g.values for g in groups)
+    linear = BEST_FIDS[("linear", 0.0)] + BEST_FIDS[("linear", 0.1)]
+    mean, se, n = by_schedule["linear"].stats("best_fid")
+    assert n == 6 and mean == pytest.approx(np.mean(linear)) and se == pytest.approx(np.std(linear, ddof=1) / np.sqrt(6))
+    lines = cmp.noise_statements(groups)
+    assert len(lines) == 2 and f"p={welch_p(linear, BEST_FIDS[('cosine', 0.0)]):.3g}" in lines[1]
