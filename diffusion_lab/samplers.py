@@ -121,9 +121,9 @@ def _float64(values: torch.Tensor) -> List[float]:
     return values.detach().to("cpu", torch.float64).tolist()
 
 
-def _norm(v: torch.Tensor) -> torch.Tensor:
-    """Per-sample L2 norm, shaped to broadcast against v."""
-    return v.flatten(1).norm(dim=1).view(-1, *([1] * (v.dim() - 1)))
+def _mean_norm(v: torch.Tensor) -> float:
+    """Per-sample L2 norm, averaged over the batch (Song et al.'s Langevin corrector uses the batch mean)."""
+    return v.flatten(1).norm(dim=1).mean().item()
 
 
 def _finish(x: torch.Tensor, clamp_final: bool) -> torch.Tensor:
@@ -312,7 +312,8 @@ def pc(model, schedule, objective, x_T, *, steps=20, grid="linspace", snr=0.16, 
        generator=None, progress=False, callback=None):
     """Predictor-corrector sampling (Song et al. 2021, "Score-Based Generative Modeling through SDEs", Algorithms
     2-3, VP): at each grid point one Langevin corrector step, x += e g + sqrt(2 e) z with score g = -eps_pred / sigma
-    and step e = 2 (alpha_bar_next / alpha_bar) (snr ||z|| / ||g||)^2 per sample, then the ancestral predictor
+    and step e = 2 (alpha_bar / alpha_bar_next) (snr ||z|| / ||g||)^2 (norms averaged over the batch, as in the
+    paper's code), then the ancestral predictor
     (DDIM eta = 1) to the next point; to sigma = 0 the predictor returns x0_pred. 2 * steps model evaluations.
     """
     if snr < 0:
@@ -324,8 +325,8 @@ def pc(model, schedule, objective, x_T, *, steps=20, grid="linspace", snr=0.16, 
         z = _noise(x_t, generator)
         score = -eps_pred / p.sigma(t)
         alpha_step = math.exp(p.log_ab[t] - (p.log_ab[ts[i + 1]] if ts[i + 1] != CLEAN else 0.0))
-        e = 2 * alpha_step * (snr * _norm(z) / _norm(score).clamp_min(1e-12)) ** 2  # Algorithm 3 (VP), corrector
-        x_t = x_t + e * score + (2 * e).sqrt() * z
+        e = 2 * alpha_step * (snr * _mean_norm(z) / max(_mean_norm(score), 1e-12)) ** 2  # Algorithm 3 (VP), corrector
+        x_t = x_t + e * score + math.sqrt(2 * e) * z
         x0_pred, eps_pred = _evaluate(model, schedule, objective, x_t, 2 * i + 1, t, clip_x0, callback)
         x_t = _ddim_step(p, t, ts[i + 1], x0_pred, eps_pred, 1.0, generator)  # predictor: ancestral step
     return _finish(x_t, clamp_final)
