@@ -1,7 +1,7 @@
 """The sampler lab: score any sampler against the exact answer, in seconds on a CPU, no training.
 
     python -m diffusion_lab.sampler_lab sampler=dpm_solver schedule=cosine 'nfe=[5,8,10,20,50]' 'also=[ddim,heun]'
-    python -m diffusion_lab.sampler_lab -m sampler=ddim,dpm_solver sampler.grid=logsnr,karras
+    python -m diffusion_lab.sampler_lab -m sampler=ddim,dpm_solver grid=logsnr,karras
 
 Data is a known Gaussian mixture (``exact.GaussianMixture``), the model its exact denoiser E[eps | x_t], so every
 error is the sampler's (and the schedule's) alone. Per NFE budget it reports:
@@ -145,6 +145,8 @@ def lab_rows(cfg: DictConfig) -> List[Dict]:
     rows = []
     for name, overrides in entries:
         settings = sampler_settings(name, overrides)
+        if cfg.grid is not None:
+            settings["grid"] = OmegaConf.to_container(cfg.grid) if OmegaConf.is_config(cfg.grid) else cfg.grid
         if name == "ddpm":
             raise ValueError("ddpm runs all T steps: the lab sweeps NFE (use ddim eta=1 or euler_ancestral)")
         for budget in cfg.nfe:

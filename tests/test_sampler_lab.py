@@ -90,10 +90,10 @@ def test_lab_command_writes_csv_and_plot(tmp_path):
 @pytest.mark.slow
 def test_lab_sweeps_like_training(tmp_path):
     sweep = tmp_path / "sweep"
-    result = run_cli("diffusion_lab.sampler_lab", ["-m", "sampler=ddim,dpm_solver", "sampler.grid=trailing",
+    result = run_cli("diffusion_lab.sampler_lab", ["-m", "sampler=ddim,dpm_solver", "grid=trailing",
                                                    "nfe=[3]", "n=200", f"hydra.sweep.dir={sweep}"], tmp_path)
     assert result.returncode == 0, result.stderr
     found = sorted(p.parent.name for p in sweep.glob("*/sampler_lab.csv"))
-    assert len(found) == 2 and all("sampler.grid=trailing" in name for name in found)
+    assert len(found) == 2 and all("grid=trailing" in name for name in found)
     for path in sweep.glob("*/sampler_lab.csv"):
         assert next(csv.DictReader(open(path)))["grid"] == "trailing"
