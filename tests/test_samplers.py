@@ -1,10 +1,7 @@
 """Samplers against an EXACT denoiser.
 
-Per pixel, x0 ~ sum_k w_k N(m_k, s_k^2) (one component: a Gaussian). With x_t = a x0 + b eps,
-x_t | k ~ N(a m_k, a^2 s_k^2 + b^2), so with responsibilities r_k(x_t):
-    E[x0 | x_t]  = sum_k r_k (m_k + a s_k^2 (x_t - a m_k) / (a^2 s_k^2 + b^2))
-    E[eps | x_t] = sum_k r_k  b (x_t - a m_k) / (a^2 s_k^2 + b^2)
-and the v-predictor is a E[eps] - b E[x0]; all built here from these closed forms, not via objectives.py.
+Per pixel, x0 ~ sum_k w_k N(m_k, s_k^2) (one component: a Gaussian); the exact E[eps|x_t], E[x0|x_t] and v
+come from ``diffusion_lab.exact`` (closed forms, not objectives.py).
 
 Every sample statistic is compared with theory within 5 standard errors plus, where the sampler is not
 exact for a finite number of steps, a discretization allowance. The allowances are not guesses: for
@@ -12,7 +9,8 @@ Gaussian data every sampler is a linear-Gaussian recursion, so its exact output 
 below (``_ddpm_moments``/``_ddim_moments``, ``_flow_map``) and the samples are also checked against those
 to within the standard error alone. Figures for schedule "linear", mu=0.3, s=0.2 (std of the output):
 ddpm fixed_small 0.1963 (-1.9%), fixed_large 0.2009 (+0.5%), ddim eta=0 100 steps 0.1875 (-6.2%),
-ddim eta=1 100 steps 0.1746 (-12.7%), dpm_solver 20 steps 0.2502 (+25%), 10 steps 0.2019 (+0.9%).
+ddim eta=1 100 steps 0.1746 (-12.7%), dpm_solver (logsnr) 20 steps 0.2031 (+1.6%), 10 steps 0.1995 (-0.2%),
+dpm_solver_3m 20 steps 0.2031, heun 50 steps 0.2024, euler_ancestral 100 steps 0.1859, pc 100 steps 0.1814.
 """
 import math
 
@@ -38,7 +36,7 @@ from diffusion_lab.samplers import (
     pc,
     steps_for,
 )
-from diffusion_lab.schedules import cosine, linear
+from diffusion_lab.schedules import NoiseSchedule, cosine, linear, linear_betas
 
 MU, S = 0.3, 0.2  # the Gaussian data
 MIX = ([0.3, 0.7], [-0.5, 0.4], [0.1, 0.15])  # weights, means, stds of the two-mode mixture
@@ -212,7 +210,7 @@ def test_gaussian_sample_moments(schedule, x_T, name, fn, kw, std_allowance):
 
 def test_ddpm_variances_on_a_short_schedule(x_T):
     # on T = 20 steps the two variances differ a lot: each must match its own exact moments, not the other's
-    short = linear(noise_steps=20, beta_start=0.01, beta_end=0.3)
+    short = NoiseSchedule(linear_betas(20, 0.01, 0.3))  # literal betas: the app's linear would scale them
     exact = {v: _ddpm_moments(short, v) for v in ("fixed_small", "fixed_large")}
     se = S / math.sqrt(2 * N)
     assert exact["fixed_large"][1] - exact["fixed_small"][1] > 20 * se
@@ -247,12 +245,13 @@ def test_deterministic_samplers_follow_the_exact_flow_and_converge_at_their_orde
     e_dpm = [err(dpm_solver, S_) for S_ in (100, 200, 400)]
     print("flow-map max error ddim", e_ddim, "dpm_solver", e_dpm)
     assert e_ddim[0] < 0.05 and e_dpm[0] < 0.05
-    # DDIM is first order (error halves when steps double), DPM-Solver++(2M) second order (error / ~4)
+    # DDIM is first order (error halves when steps double). DPM-Solver++(2M) is second order inside, but its
+    # last, first-order step to sigma = 0 starts at t = T/S where sigma^2 ~ 1/S: measured / 2.5-2.8 per doubling
     for r in (e_ddim[0] / e_ddim[1], e_ddim[1] / e_ddim[2]):
         assert 1.6 < r < 2.6, e_ddim
     for r in (e_dpm[0] / e_dpm[1], e_dpm[1] / e_dpm[2]):
-        assert 3.0 < r < 6.5, e_dpm
-    assert e_dpm[2] < e_ddim[2] / 4
+        assert 2.2 < r < 6.5, e_dpm
+    assert all(dpm < ddim / 3.5 for dpm, ddim in zip(e_dpm, e_ddim))
 
 
 def test_dpm_solver_first_step_is_ddim_and_later_steps_are_second_order(schedule):
@@ -438,8 +437,12 @@ def test_callback_and_trajectory(name, params):
                                         callback=callback)
     n = num_evaluations(name, params, 100)
     assert [i for i, _ in calls] == list(range(n))
-    expected_ts = {"ddpm": list(range(99, -1, -1)), "ddim": grids.linspace(small, n).tolist(),  # default grids
-                   "dpm_solver": grids.logsnr(small, n + 1).tolist()[:-1]}[name]  # the solver never evaluates t = 0
+    if name == "ddpm":
+        expected_ts = list(range(99, -1, -1))
+    elif name == "ddim":  # each sampler's default grid
+        expected_ts = grids.linspace(small, n).tolist()
+    else:  # the solver never evaluates t = 0
+        expected_ts = grids.logsnr(small, n + 1).tolist()[:-1]
     assert [t for _, t in calls] == expected_ts
     assert traj.steps == [0, 3, 8] and len(traj) == 3 and traj.timesteps == [expected_ts[i] for i in (0, 3, 8)]
     assert all(v.device.type == "cpu" for v in traj.x_t + traj.x0_pred)
