@@ -163,6 +163,7 @@ def lab_rows(cfg: DictConfig) -> List[Dict]:
 def plot(rows: List[Dict], path: Path) -> Path:
     """Mode-weight error, spread error and SW (with its floor) against NFE, one line per sampler."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -175,6 +176,9 @@ def plot(rows: List[Dict], path: Path) -> Path:
             ax.plot([r["nfe"] for r in mine], [r[key] for r in mine], marker="o", label=f"{name} ({mine[0]['grid']})")
         ax.axhline(rows[0][floor], color="gray", ls="--", label="noise floor (true samples)")
         ax.set(xscale="log", yscale="log", xlabel="NFE", title=key)
+        ax.set_xticks(sorted({r["nfe"] for r in rows}))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[-1].legend(fontsize=7)
     fig.suptitle(f"exact mixture denoiser, {rows[0]['schedule']} schedule, n={rows[0]['n']}", fontsize=9)
     fig.tight_layout()
