@@ -71,11 +71,13 @@ RULES: Sequence[Rule] = (
     _rule("schedule.beta_end", float, _unit),
     _rule("schedule.s", float, _non_negative),
     _rule("schedule.max_beta", float, _unit),
+    _rule("schedule.zero_terminal_snr", bool, (lambda v: True, "true or false")),
+    _rule("schedule.max_terminal_signal", float, _positive),
     _rule("objective.weighting", str, _one_of("uniform", "min_snr")),
     _rule("objective.snr_gamma", float, _positive),
     _rule("sampler.steps", int, _positive),
     _rule("sampler.eta", float, _closed_unit),
-    _rule("sampler.spacing", str, _one_of("linspace", "leading", "trailing", "logsnr")),
+    _rule("sampler.snr", float, _non_negative),
     _rule("sampler.variance", str, _one_of("fixed_small", "fixed_large")),
     _rule("train.steps", int, _positive),
     _rule("train.batch_size", int, _positive),
@@ -130,9 +132,28 @@ def validate(cfg: DictConfig) -> None:
     betas = cfg.train.get("betas")
     if betas is not None and not (len(betas) == 2 and all(0 <= b < 1 for b in betas)):
         raise ConfigError(f"train.betas={list(betas)} must be two values in [0, 1)")
+    _check_sampling(cfg)
     resume = cfg.train.get("resume")
     if resume not in (None, "auto") and not Path(str(resume)).expanduser().is_file():
         raise ConfigError(f"train.resume={resume!r} must be auto or an existing checkpoint file")
+
+
+def _check_sampling(cfg: DictConfig) -> None:
+    """The grid is a registered name (or a list); the schedule builds (terminal signal); eps needs alpha_bar_{T-1} > 0."""
+    from .build import build_schedule
+    from .registry import GRIDS
+
+    grid = OmegaConf.select(cfg, "sampler.grid", default=None)
+    if isinstance(grid, str) and grid not in GRIDS:
+        raise ConfigError(f"sampler.grid='{grid}' must be one of {', '.join(GRIDS.names())} or a list of timesteps")
+    if OmegaConf.select(cfg, "schedule.name", default=None) is not None:
+        try:
+            build_schedule(cfg)  # refuses a schedule that leaves signal at t = T-1
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+        if cfg.schedule.get("zero_terminal_snr") and OmegaConf.select(cfg, "objective.name", default=None) == "eps":
+            raise ConfigError("schedule.zero_terminal_snr=true needs objective=v or x0: eps cannot give x0 at "
+                              "alpha_bar = 0")
 
 
 def _one_line(error: Exception) -> str:

@@ -2,6 +2,9 @@
 
 Every computation is delegated: the schedule to `schedules`, the loss to `objectives`, the step to
 `optim.TrainStep`, sampling to `samplers`. These classes only fix the reference defaults.
+
+The reference attributes are live: `model`, `optimizer`, `ema_model` and the schedule arrays (`beta_schedule`,
+`alpha_cumprod`, ...) are what training and sampling use, and assigning one replaces it there.
 """
 from __future__ import annotations
 
@@ -14,7 +17,19 @@ from .models import DiffusionModel, DiffusionModelCIFAR
 from .objectives import EpsObjective
 from .optim import TrainStep, build_optimizer
 from .samplers import ddim, ddpm
-from .schedules import NoiseSchedule, cosine, linear
+from .schedules import NoiseSchedule, cosine_betas, linear_betas
+
+# reference attribute name -> NoiseSchedule attribute (beta_schedule rebuilds the whole schedule when assigned)
+SCHEDULE_ARRAYS = {
+    "beta_schedule": "betas",
+    "alpha": "alphas",
+    "alpha_cumprod": "alphas_cumprod",
+    "sqrt_alpha_cumprod": "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alpha_cumprod": "sqrt_one_minus_alphas_cumprod",
+    "posterior_variance": "posterior_variance",
+    "posterior_mean_coef1": "posterior_mean_coef1",
+    "posterior_mean_coef2": "posterior_mean_coef2",
+}
 
 
 def default_device(device=None) -> torch.device:
@@ -31,20 +46,60 @@ class _Process:
                  optimizer: torch.optim.Optimizer, device: torch.device, grad_clip: float = 0.0,
                  ema: Optional[EMA] = None):
         self.image_size, self.channels, self.device = image_size, channels, device
-        self.noise_steps = schedule.num_timesteps
         self.schedule = schedule.to(device)
         self.objective = EpsObjective()
-        self.model = model
-        self.optimizer = optimizer
-        self.ema = ema
+        self.grad_clip = grad_clip
+        self._ema_decay = ema.decay if ema is not None else None
         self._step = TrainStep(model, optimizer, device, precision="fp16", grad_clip=grad_clip, ema=ema)
-        self.scaler = self._step.scaler  # AMP gradient scaler: enabled on CUDA only
-        # Reference attribute names.
-        self.beta_schedule = self.schedule.betas
-        self.alpha = self.schedule.alphas
-        self.alpha_cumprod = self.schedule.alphas_cumprod
-        self.sqrt_alpha_cumprod = self.schedule.sqrt_alphas_cumprod
-        self.sqrt_one_minus_alpha_cumprod = self.schedule.sqrt_one_minus_alphas_cumprod
+
+    def _rebuild_step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: Optional[EMA]) -> None:
+        self._step = TrainStep(model, optimizer, self.device, precision="fp16", grad_clip=self.grad_clip, ema=ema)
+
+    @property
+    def noise_steps(self) -> int:
+        return self.schedule.num_timesteps
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._step.model
+
+    @model.setter
+    def model(self, model: torch.nn.Module) -> None:
+        """A new network: a fresh optimizer of the same kind and settings, and (CIFAR) a fresh EMA of it."""
+        old = self._step.optimizer
+        optimizer = type(old)(model.parameters(), **old.defaults)
+        ema = EMA(model, decay=self._ema_decay, warmup=False) if self._ema_decay is not None else None
+        self._rebuild_step(model, optimizer, ema)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self._step.optimizer
+
+    @optimizer.setter
+    def optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        self._rebuild_step(self.model, optimizer, self.ema)
+
+    @property
+    def ema(self) -> Optional[EMA]:
+        return self._step.ema
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler:
+        """AMP gradient scaler: enabled on CUDA only."""
+        return self._step.scaler
+
+    def __getattr__(self, name: str):
+        if name in SCHEDULE_ARRAYS:
+            return getattr(self.schedule, SCHEDULE_ARRAYS[name])
+        raise AttributeError(f"{type(self).__name__} has no attribute '{name}'")
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "beta_schedule":
+            self.schedule = NoiseSchedule(torch.as_tensor(value)).to(self.device)
+        elif name in SCHEDULE_ARRAYS:
+            setattr(self.schedule, SCHEDULE_ARRAYS[name], torch.as_tensor(value).to(self.device))
+        else:
+            super().__setattr__(name, value)
 
     @property
     def sampling_model(self) -> torch.nn.Module:
@@ -84,7 +139,7 @@ class _Process:
             raise ValueError(f"ddim_steps must be in (0, {self.noise_steps}], got {ddim_steps}")
         self.sampling_model.eval()
         return ddim(self.sampling_model, self.schedule, self.objective, self._noise(num_samples, generator),
-                    steps=ddim_steps, eta=eta, spacing="linspace", clip_x0=False, clamp_final=True,
+                    steps=ddim_steps, eta=eta, grid="linspace", clip_x0=False, clamp_final=True,
                     generator=generator)
 
 
@@ -103,7 +158,7 @@ class DiffusionProcess(_Process):
         device = default_device(device)
         self.beta_start, self.beta_end = beta_start, beta_end
         model = DiffusionModel(image_size, channels, list(hidden_dims)).to(device)
-        super().__init__(image_size, channels, cosine(noise_steps), model,
+        super().__init__(image_size, channels, NoiseSchedule(cosine_betas(noise_steps)), model,
                          build_optimizer(model.parameters(), "adam", lr=1e-4, device=device), device)
 
 
@@ -125,9 +180,15 @@ class DiffusionProcessCIFAR(_Process):
         optimizer = build_optimizer(model.parameters(), "adamw", lr=2e-4, betas=(0.9, 0.999),
                                     weight_decay=1e-5, device=device)
         ema = EMA(model, decay=ema_decay, warmup=False)
-        super().__init__(image_size, channels, linear(noise_steps, beta_start, beta_end), model, optimizer,
-                         device, grad_clip=1.0, ema=ema)
-        self.ema_model = ema.module
-        self.posterior_variance = self.schedule.posterior_variance
-        self.posterior_mean_coef1 = self.schedule.posterior_mean_coef1
-        self.posterior_mean_coef2 = self.schedule.posterior_mean_coef2
+        super().__init__(image_size, channels, NoiseSchedule(linear_betas(noise_steps, beta_start, beta_end)), model,
+                         optimizer, device, grad_clip=1.0, ema=ema)
+
+    @property
+    def ema_model(self) -> torch.nn.Module:
+        """The EMA network that `sample` and `sample_ddim` use."""
+        return self.ema.module
+
+    @ema_model.setter
+    def ema_model(self, module: torch.nn.Module) -> None:
+        """Sample from (a copy of) `module`'s weights from now on; training keeps averaging into them."""
+        self._rebuild_step(self.model, self.optimizer, EMA(module, decay=self._ema_decay, warmup=False))

@@ -42,6 +42,7 @@ class Registry:
 SCHEDULES = Registry("schedule")
 OBJECTIVES = Registry("objective")
 SAMPLERS = Registry("sampler")
+GRIDS = Registry("grid")
 MODELS = Registry("model")
 DATASETS = Registry("dataset")
 LOGGERS = Registry("logger")

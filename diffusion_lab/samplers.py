@@ -2,16 +2,20 @@
 
 Every sampler has the same call::
 
-    sampler(model, schedule, objective, x_T, *, steps=..., clip_x0=..., clamp_final=True,
+    sampler(model, schedule, objective, x_T, *, steps=..., grid=..., clip_x0=..., clamp_final=True,
             generator=None, progress=False, callback=None, <its own options>) -> x_0
 
 ``model(x_t, t)`` is any callable (t: LongTensor [B] of integer timesteps); the objective turns its
 prediction into (x0_pred, eps_pred), so samplers never care how the model was parameterised.
-Own options: ddpm ``variance``; ddim ``eta``, ``spacing``; dpm_solver ``spacing``.
+``grid`` picks the timesteps (``grids.py``: a registered name, ``{name: ..., **options}``, or a list).
+DDIM evaluates every grid point and then steps to clean data; the ODE/SDE solvers end at sigma = 0, so
+they never evaluate at t = 0: a grid ending there is redrawn with one more point and t = 0 dropped
+(diffusers' ``final_sigmas_type="zero"``), keeping ``steps`` points.
 ``callback(i, t, x_t, x0_pred)`` runs after every model evaluation (see ``Trajectory``).
 
-Scalar coefficients are computed in float64 (Python floats; alpha_bar via a float64 sum of log alphas, see
-``_log_alphas_cumprod``) and cast to x_T's dtype when applied.
+Notation: alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar), lambda = log(alpha / sigma); clean data is
+alpha = 1, sigma = 0. Scalar coefficients are float64 Python floats (from ``grids.log_alphas_cumprod``) and
+cast to x_T's dtype when applied.
 """
 from __future__ import annotations
 
@@ -23,45 +27,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from tqdm.auto import tqdm
 
+from . import grids
 from .registry import SAMPLERS
 from .schedules import NoiseSchedule, extract
 
-SPACINGS = ("linspace", "leading", "trailing", "logsnr")
 RUNTIME_ARGS = ("generator", "callback")  # passed at call time, never bound from a config
-
-
-def timesteps(T: int, S: int, spacing: str = "linspace", schedule: Optional[NoiseSchedule] = None) -> torch.Tensor:
-    """S distinct integer timesteps in [0, T-1], descending (a LongTensor on the CPU).
-
-    linspace: round(linspace(0, T-1, S))   (DDIM reference; ends at T-1 and 0)
-    leading:  arange(S) * (T // S)          (diffusers "leading" without offset; ends at 0)
-    trailing: round(arange(T, 0, -T/S)) - 1 (diffusers "trailing"; starts at T-1)
-    logsnr:   uniform in lambda = log(alpha/sigma) from t=T-1 to t=0 (needs `schedule`; DPM-Solver's
-              recommendation for pixel space: equal solver steps h, so the 2nd-order extrapolation stays tame)
-    """
-    if not 0 < S <= T:
-        raise ValueError(f"steps must be in (0, T] = (0, {T}], got {S}")
-    if spacing == "linspace":
-        return torch.linspace(0, T - 1, S, dtype=torch.float64).round().long().flip(0)
-    if spacing == "leading":
-        return (torch.arange(S, dtype=torch.long) * (T // S)).flip(0)
-    if spacing == "trailing":
-        # == round(arange(T, 0, -T/S)) - 1 in exact integer arithmetic (round half to even, like torch):
-        # float steps could give S + 1 values or misround a tie
-        n = T * (S - torch.arange(S, dtype=torch.long))  # T - i T/S = n / S
-        q, rem = n // S, n % S
-        return q + ((2 * rem > S) | ((2 * rem == S) & (q % 2 == 1))).long() - 1
-    if spacing == "logsnr":
-        if schedule is None or schedule.num_timesteps != T:
-            raise ValueError("logsnr spacing needs the schedule")
-        log_ab = torch.tensor(_log_alphas_cumprod(schedule), dtype=torch.float64)
-        lam = 0.5 * (log_ab - torch.log(-torch.expm1(log_ab)))  # lambda_t, decreasing in t
-        targets = torch.linspace(lam[-1].item(), lam[0].item(), S, dtype=torch.float64)
-        ts = (lam[None, :] - targets[:, None]).abs().argmin(dim=1).tolist()  # nearest t per target
-        for i in range(1, S):  # strictly descending, and room left for the remaining steps
-            ts[i] = min(ts[i], ts[i - 1] - 1)
-        return torch.tensor([max(t, S - 1 - i) for i, t in enumerate(ts)], dtype=torch.long)
-    raise ValueError(f"unknown timestep spacing '{spacing}'; known: {', '.join(SPACINGS)}")
+CLEAN = -1  # the point after the last grid timestep: alpha_bar = 1
 
 
 def denoise(
@@ -107,6 +78,41 @@ class Trajectory:
         return len(self.steps)
 
 
+class _Points:
+    """alpha, sigma, lambda of a schedule's timesteps in float64; index CLEAN (-1) is clean data."""
+
+    def __init__(self, schedule: NoiseSchedule):
+        self.log_ab = grids.log_alphas_cumprod(schedule).tolist()
+
+    def alpha(self, t: int) -> float:
+        return 1.0 if t == CLEAN else math.exp(0.5 * self.log_ab[t])
+
+    def sigma(self, t: int) -> float:
+        return 0.0 if t == CLEAN else math.sqrt(-math.expm1(self.log_ab[t]))
+
+    def lam(self, t: int) -> float:
+        return math.inf if t == CLEAN else 0.5 * (self.log_ab[t] - math.log(-math.expm1(self.log_ab[t])))
+
+
+def _evaluate(model, schedule, objective, x_t, i, t, clip_x0, callback):
+    x0_pred, eps_pred = denoise(model, schedule, objective, x_t, t, clip_x0)
+    if callback is not None:
+        callback(i, t, x_t, x0_pred)
+    return x0_pred, eps_pred
+
+
+def _grid_to_zero(schedule: NoiseSchedule, grid, steps: int) -> List[int]:
+    """Grid points for a solver whose last step goes to sigma = 0: no evaluation at t = 0 (see module doc)."""
+    ts = grids.resolve(grid, schedule, steps).tolist()
+    if ts[-1] != 0:
+        return ts
+    if grids.is_list(grid):
+        return ts[:-1] or ts
+    if steps + 1 > schedule.num_timesteps:
+        return ts  # every timestep is already on the grid
+    return grids.resolve(grid, schedule, steps + 1).tolist()[:-1]
+
+
 def _noise(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
@@ -115,17 +121,23 @@ def _float64(values: torch.Tensor) -> List[float]:
     return values.detach().to("cpu", torch.float64).tolist()
 
 
-def _log_alphas_cumprod(schedule: NoiseSchedule) -> List[float]:
-    """log alpha_bar_t = sum_{s<=t} log(1 - beta_s) in float64, so that 1 - alpha_bar = -expm1(log alpha_bar) and
-    1 - alpha_bar_t / alpha_bar_prev keep full precision where alpha_bar is close to 1 (small t)."""
-    betas, alphas = (v.detach().to("cpu", torch.float64) for v in (schedule.betas, schedule.alphas))
-    # both are stored in float32: log1p(-beta) is exact to float32 for small beta, log(alpha) for beta near 1
-    log_alphas = torch.where(betas < 0.5, torch.log1p(-betas), torch.log(alphas))
-    return torch.cumsum(log_alphas, 0).tolist()
+def _mean_norm(v: torch.Tensor) -> float:
+    """Per-sample L2 norm, averaged over the batch (Song et al.'s Langevin corrector uses the batch mean)."""
+    return v.flatten(1).norm(dim=1).mean().item()
 
 
 def _finish(x: torch.Tensor, clamp_final: bool) -> torch.Tensor:
     return x.clamp(-1.0, 1.0) if clamp_final else x
+
+
+def _ddim_step(p: _Points, t: int, t_next: int, x0_pred, eps_pred, eta: float, generator):
+    """Song et al. 2020, eq. 12: x_next = alpha_next x0 + sqrt(sigma_next^2 - s^2) eps + s z, with
+    s = eta (sigma_next / sigma) sqrt(1 - alpha_bar / alpha_bar_next)."""
+    s = 0.0
+    if eta > 0 and t_next != CLEAN:
+        s = eta * p.sigma(t_next) / p.sigma(t) * math.sqrt(-math.expm1(p.log_ab[t] - p.log_ab[t_next]))
+    x = p.alpha(t_next) * x0_pred + math.sqrt(max(p.sigma(t_next) ** 2 - s**2, 0.0)) * eps_pred
+    return x + s * _noise(x, generator) if s > 0 else x
 
 
 @SAMPLERS.register("ddpm")
@@ -146,9 +158,7 @@ def ddpm(model, schedule, objective, x_T, *, steps=None, variance="fixed_small",
     var = _float64(schedule.posterior_variance if variance == "fixed_small" else schedule.betas)
     x_t = x_T
     for i, t in enumerate(tqdm(range(T - 1, -1, -1), disable=not progress)):
-        x0_pred, _ = denoise(model, schedule, objective, x_t, t, clip_x0)
-        if callback is not None:
-            callback(i, t, x_t, x0_pred)
+        x0_pred, _ = _evaluate(model, schedule, objective, x_t, i, t, clip_x0, callback)
         mean = coef1[t] * x0_pred + coef2[t] * x_t  # posterior mean of q(x_{t-1} | x_t, x0_pred)
         x_t = mean + math.sqrt(var[t]) * _noise(x_t, generator) if t > 0 else mean
     return _finish(x_t, clamp_final)
@@ -156,66 +166,175 @@ def ddpm(model, schedule, objective, x_T, *, steps=None, variance="fixed_small",
 
 @SAMPLERS.register("ddim")
 @torch.inference_mode()
-def ddim(model, schedule, objective, x_T, *, steps=50, eta=0.0, spacing="linspace", clip_x0=False,
+def ddim(model, schedule, objective, x_T, *, steps=50, eta=0.0, grid="linspace", clip_x0=False,
          clamp_final=True, generator=None, progress=False, callback=None):
-    """DDIM (Song et al. 2020, eq. 12) over ``timesteps(T, steps, spacing)``; eta=0 deterministic, 1 ~ DDPM.
+    """DDIM (Song et al. 2020, eq. 12) over the grid's timesteps; eta=0 deterministic, 1 ~ DDPM.
 
     Each step goes from t to the next listed timestep; after the last one to clean (alpha_bar = 1),
     so the result is the last x0_pred.
     """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"ddim eta must be in [0, 1], got {eta}")
-    ts = timesteps(schedule.num_timesteps, steps, spacing, schedule).tolist()
-    log_ab = _log_alphas_cumprod(schedule)
-    x_t = x_T
+    ts = grids.resolve(grid, schedule, steps).tolist()
+    p, x_t = _Points(schedule), x_T
     for i, t in enumerate(tqdm(ts, disable=not progress)):
-        x0_pred, eps_pred = denoise(model, schedule, objective, x_t, t, clip_x0)
-        if callback is not None:
-            callback(i, t, x_t, x0_pred)
-        log_ab_t, log_ab_prev = log_ab[t], (log_ab[ts[i + 1]] if i + 1 < len(ts) else 0.0)
-        one_minus_ab_t, one_minus_ab_prev = -math.expm1(log_ab_t), -math.expm1(log_ab_prev)
-        # sigma_t = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev)
-        sigma = eta * math.sqrt(one_minus_ab_prev / one_minus_ab_t * -math.expm1(log_ab_t - log_ab_prev))
-        # x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z
-        x_t = (math.exp(0.5 * log_ab_prev) * x0_pred
-               + math.sqrt(max(one_minus_ab_prev - sigma**2, 0.0)) * eps_pred)
-        if sigma > 0:
-            x_t = x_t + sigma * _noise(x_t, generator)
+        x0_pred, eps_pred = _evaluate(model, schedule, objective, x_t, i, t, clip_x0, callback)
+        x_t = _ddim_step(p, t, ts[i + 1] if i + 1 < len(ts) else CLEAN, x0_pred, eps_pred, eta, generator)
     return _finish(x_t, clamp_final)
 
 
 @SAMPLERS.register("dpm_solver")
 @torch.inference_mode()
-def dpm_solver(model, schedule, objective, x_T, *, steps=20, spacing="logsnr", clip_x0=False, clamp_final=True,
+def dpm_solver(model, schedule, objective, x_T, *, steps=20, grid="logsnr", clip_x0=False, clamp_final=True,
                generator=None, progress=False, callback=None):
     """DPM-Solver++(2M), data prediction, multistep (Lu et al. 2022, "DPM-Solver++", Algorithm 2).
 
-    VP form: alpha = sqrt(ab), sigma = sqrt(1 - ab), lambda = log(alpha / sigma); one model evaluation per
-    listed timestep. First and last step (to clean, sigma = 0) are first order; the last returns x0_pred.
-    ``generator`` is unused (the solver is deterministic) but kept for the shared signature.
+    One model evaluation per grid point, none at t = 0. The first step and the last (to sigma = 0, where the
+    update is x = x0_pred) are first order (diffusers' lower_order_final). ``generator`` is unused (the
+    solver is deterministic) but kept for the shared signature.
     """
-    ts = timesteps(schedule.num_timesteps, steps, spacing, schedule).tolist()
-    log_ab = _log_alphas_cumprod(schedule)
-    x_t, x0_prev, h_last = x_T, None, None
-    for i, t in enumerate(tqdm(ts, disable=not progress)):
-        x0_pred, _ = denoise(model, schedule, objective, x_t, t, clip_x0)
-        if callback is not None:
-            callback(i, t, x_t, x0_pred)
-        if i + 1 == len(ts):
-            x_t = x0_pred  # first order to sigma = 0: x = alpha_next * x0_pred with alpha_next = 1
+    ts = _grid_to_zero(schedule, grid, steps) + [CLEAN]
+    p, x_t, x0_prev, h_last = _Points(schedule), x_T, None, None
+    for i, t in enumerate(tqdm(ts[:-1], disable=not progress)):
+        x0_pred, _ = _evaluate(model, schedule, objective, x_t, i, t, clip_x0, callback)
+        t_next = ts[i + 1]
+        if t_next == CLEAN:
+            x_t = x0_pred
             break
-        log_ab_t, log_ab_next = log_ab[t], log_ab[ts[i + 1]]
-        sigma, sigma_next = math.sqrt(-math.expm1(log_ab_t)), math.sqrt(-math.expm1(log_ab_next))
-        alpha, alpha_next = math.exp(0.5 * log_ab_t), math.exp(0.5 * log_ab_next)
-        h = math.log(alpha_next / sigma_next) - math.log(alpha / sigma)  # h = lambda_next - lambda
-        if x0_prev is None:
-            D = x0_pred
-        else:
+        h = p.lam(t_next) - p.lam(t)
+        D = x0_pred
+        if x0_prev is not None:
             r = h_last / h  # D = (1 + 1/(2r)) x0_pred - 1/(2r) x0_prev
             D = (1 + 1 / (2 * r)) * x0_pred - (1 / (2 * r)) * x0_prev
-        x_t = (sigma_next / sigma) * x_t - (alpha_next * math.expm1(-h)) * D
+        x_t = (p.sigma(t_next) / p.sigma(t)) * x_t - (p.alpha(t_next) * math.expm1(-h)) * D
         x0_prev, h_last = x0_pred, h
     return _finish(x_t, clamp_final)
+
+
+@SAMPLERS.register("dpm_solver_3m")
+@torch.inference_mode()
+def dpm_solver_3m(model, schedule, objective, x_T, *, steps=20, grid="logsnr", clip_x0=False, clamp_final=True,
+                  generator=None, progress=False, callback=None):
+    """DPM-Solver++(3M), data prediction, multistep (Lu et al. 2022, Appendix B; k-diffusion's dpmpp_3m_sde, eta=0).
+
+    x_next = (sigma_next/sigma) x - alpha_next (e^-h - 1) D0 + alpha_next phi2 D1 - alpha_next phi3 D2,
+    phi2 = (e^-h - 1)/h + 1, phi3 = phi2/h - 1/2, D1, D2 from the last three x0_pred. Order min(3, steps so far,
+    steps left): first order on the first and last step, at most second order on the one before.
+    """
+    ts = _grid_to_zero(schedule, grid, steps) + [CLEAN]
+    p, x_t, history = _Points(schedule), x_T, []  # history: (x0_pred, h of the step that followed it)
+    for i, t in enumerate(tqdm(ts[:-1], disable=not progress)):
+        x0_pred, _ = _evaluate(model, schedule, objective, x_t, i, t, clip_x0, callback)
+        t_next = ts[i + 1]
+        if t_next == CLEAN:
+            x_t = x0_pred
+            break
+        h = p.lam(t_next) - p.lam(t)
+        order = min(3, len(history) + 1, len(ts) - 1 - i)
+        x_t = (p.sigma(t_next) / p.sigma(t)) * x_t - (p.alpha(t_next) * math.expm1(-h)) * x0_pred
+        phi2 = math.expm1(-h) / h + 1
+        if order >= 2:
+            (m1, h1) = history[-1]
+            d1_0 = (x0_pred - m1) * (h / h1)  # (m0 - m1) / r0, r0 = h1 / h
+            if order == 2:
+                x_t = x_t + p.alpha(t_next) * phi2 * d1_0
+            else:
+                (m2, h2) = history[-2]
+                r0, r1 = h1 / h, h2 / h
+                d1_1 = (m1 - m2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                x_t = x_t + p.alpha(t_next) * (phi2 * d1 - (phi2 / h - 0.5) * d2)
+        history = (history + [(x0_pred, h)])[-2:]
+    return _finish(x_t, clamp_final)
+
+
+@SAMPLERS.register("heun")
+@torch.inference_mode()
+def heun(model, schedule, objective, x_T, *, steps=10, grid="karras", clip_x0=False, clamp_final=True,
+         generator=None, progress=False, callback=None):
+    """Heun's 2nd-order ODE solver (Karras et al. 2022, "EDM", Algorithm 1) on the discrete schedule.
+
+    In y = x / alpha with sigma_ve = sigma / alpha the ODE is dy/dsigma_ve = (y - x0_pred) / sigma_ve = d. An Euler
+    step to the next grid point, d' there, then y_next = y + (s_next - s)(d + d')/2; the last step, to sigma = 0,
+    is Euler alone (y = x0_pred), as is a step from alpha = 0 (zero terminal SNR). 2 * steps - 1 model evaluations.
+    """
+    ts = _grid_to_zero(schedule, grid, steps) + [CLEAN]
+    p, x_t, n = _Points(schedule), x_T, 0
+    for i, t in enumerate(tqdm(ts[:-1], disable=not progress)):
+        x0_pred, _ = _evaluate(model, schedule, objective, x_t, n, t, clip_x0, callback)
+        t_next, n = ts[i + 1], n + 1
+        if t_next == CLEAN or p.alpha(t) == 0.0:  # to sigma = 0, or from alpha = 0 (zero terminal SNR): Euler
+            x_t = _ddim_step(p, t, t_next, x0_pred, (x_t - p.alpha(t) * x0_pred) / p.sigma(t), 0.0, generator)
+            continue
+        s, s_next = p.sigma(t) / p.alpha(t), p.sigma(t_next) / p.alpha(t_next)
+        y = x_t / p.alpha(t)
+        d = (y - x0_pred) / s
+        y_euler = y + (s_next - s) * d  # Algorithm 1, line 5
+        x0_next, _ = _evaluate(model, schedule, objective, p.alpha(t_next) * y_euler, n, t_next, clip_x0, callback)
+        n += 1
+        d_next = (y_euler - x0_next) / s_next  # line 7
+        x_t = p.alpha(t_next) * (y + (s_next - s) * 0.5 * (d + d_next))  # line 8
+    return _finish(x_t, clamp_final)
+
+
+@SAMPLERS.register("euler_ancestral")
+@torch.inference_mode()
+def euler_ancestral(model, schedule, objective, x_T, *, steps=20, grid="karras", eta=1.0, clip_x0=False,
+                    clamp_final=True, generator=None, progress=False, callback=None):
+    """Euler-ancestral (k-diffusion's sample_euler_ancestral; Karras et al. 2022, ancestral step of Song et al.).
+
+    In sigma_ve = exp(-lambda): sigma_up = min(s_next, eta s_next sqrt(1 - s_next^2/s^2)), sigma_down =
+    sqrt(s_next^2 - sigma_up^2); an Euler step to sigma_down, then noise of std sigma_up. With eta = 1 this is
+    DDIM with eta = 1 on the same grid (a test checks it).
+    """
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"euler_ancestral eta must be in [0, 1], got {eta}")
+    ts = _grid_to_zero(schedule, grid, steps) + [CLEAN]
+    p, x_t = _Points(schedule), x_T
+    for i, t in enumerate(tqdm(ts[:-1], disable=not progress)):
+        x0_pred, _ = _evaluate(model, schedule, objective, x_t, i, t, clip_x0, callback)
+        t_next = ts[i + 1]
+        ratio = math.exp(p.lam(t) - p.lam(t_next))  # s_next / s in [0, 1); 0 at sigma = 0 or from alpha = 0
+        up = min(1.0, eta * math.sqrt(1.0 - ratio**2))  # sigma_up / s_next
+        down = math.sqrt(1.0 - up**2)  # sigma_down / s_next
+        # y_down = y + (sigma_down - s) d = (sigma_down/s) y + (1 - sigma_down/s) x0_pred; x = alpha y
+        # and alpha_next (sigma_down / s) / alpha = down sigma_next / sigma
+        x_t = (down * p.sigma(t_next) / p.sigma(t)) * x_t + p.alpha(t_next) * (1 - down * ratio) * x0_pred
+        if up > 0 and t_next != CLEAN:
+            x_t = x_t + (up * p.sigma(t_next)) * _noise(x_t, generator)
+    return _finish(x_t, clamp_final)
+
+
+@SAMPLERS.register("pc")
+@torch.inference_mode()
+def pc(model, schedule, objective, x_T, *, steps=20, grid="linspace", snr=0.16, clip_x0=False, clamp_final=True,
+       generator=None, progress=False, callback=None):
+    """Predictor-corrector sampling (Song et al. 2021, "Score-Based Generative Modeling through SDEs", Algorithms
+    2-3, VP): at each grid point one Langevin corrector step, x += e g + sqrt(2 e) z with score g = -eps_pred / sigma
+    and step e = 2 (alpha_bar / alpha_bar_next) (snr ||z|| / ||g||)^2 (norms averaged over the batch, as in the
+    paper's code), then the ancestral predictor
+    (DDIM eta = 1) to the next point; to sigma = 0 the predictor returns x0_pred. 2 * steps model evaluations.
+    """
+    if snr < 0:
+        raise ValueError(f"pc snr must be >= 0, got {snr}")
+    ts = _grid_to_zero(schedule, grid, steps) + [CLEAN]
+    p, x_t = _Points(schedule), x_T
+    for i, t in enumerate(tqdm(ts[:-1], disable=not progress)):
+        _, eps_pred = _evaluate(model, schedule, objective, x_t, 2 * i, t, clip_x0, callback)
+        z = _noise(x_t, generator)
+        score = -eps_pred / p.sigma(t)
+        alpha_step = math.exp(p.log_ab[t] - (p.log_ab[ts[i + 1]] if ts[i + 1] != CLEAN else 0.0))
+        e = 2 * alpha_step * (snr * _mean_norm(z) / max(_mean_norm(score), 1e-12)) ** 2  # Algorithm 3 (VP), corrector
+        x_t = x_t + e * score + math.sqrt(2 * e) * z
+        x0_pred, eps_pred = _evaluate(model, schedule, objective, x_t, 2 * i + 1, t, clip_x0, callback)
+        x_t = _ddim_step(p, t, ts[i + 1], x0_pred, eps_pred, 1.0, generator)  # predictor: ancestral step
+    return _finish(x_t, clamp_final)
+
+
+# Model evaluations per sampling run as a function of `steps` (default: one per step).
+_EVALUATIONS = {"heun": lambda steps: 2 * steps - 1, "pc": lambda steps: 2 * steps}
+_TO_ZERO = ("dpm_solver", "dpm_solver_3m", "heun", "euler_ancestral", "pc")  # samplers that use _grid_to_zero
 
 
 def _options(fn: Callable) -> Dict[str, inspect.Parameter]:
@@ -245,8 +364,22 @@ def build_sampler(name: str, **params: Any) -> Callable[..., torch.Tensor]:
 
 
 def num_evaluations(name: str, params: Dict[str, Any], T: int) -> int:
-    """Model evaluations (NFE) of one sampling run: T for ddpm, ``steps`` for ddim and dpm_solver."""
+    """Model evaluations (NFE) of one sampling run: T for ddpm; else from ``steps`` (or an explicit grid list)."""
     fn = SAMPLERS.get(name)
     options = _check_params(name, fn, params)
+    if name == "ddpm":
+        return T
     steps = params.get("steps", options["steps"].default)
-    return T if steps is None else int(steps)
+    grid = params.get("grid", options["grid"].default)
+    if grids.is_list(grid):
+        steps = len(grid) - int(name in _TO_ZERO and len(grid) > 1 and int(grid[-1]) == 0)
+    return _EVALUATIONS.get(name, lambda s: s)(int(steps))
+
+
+def steps_for(name: str, nfe: int) -> int:
+    """The most ``steps`` whose run costs at most ``nfe`` model evaluations (at least 1 step)."""
+    count = _EVALUATIONS.get(name, lambda s: s)
+    steps = 1
+    while count(steps + 1) <= nfe:
+        steps += 1
+    return steps

@@ -1,6 +1,11 @@
 """Noise schedules: betas and every quantity derived from them (DDPM, Ho et al. 2020).
 
 Committed schedules are never changed in place: add a new one instead, so old runs stay comparable.
+
+The registered (app) builders are safe at any T: linear betas scale with 1000/T (improved-diffusion), a schedule
+that leaves more than ``max_terminal_signal`` of sqrt(alpha_bar) at t = T-1 is refused (every sampler starts from
+pure N(0, I)), and ``zero_terminal_snr`` rescales to alpha_bar_{T-1} = 0 (Lin et al. 2024). The reference classes
+build ``NoiseSchedule(linear_betas(...))`` directly and keep the literal formula.
 """
 from __future__ import annotations
 
@@ -26,8 +31,8 @@ class NoiseSchedule:
 
     def __init__(self, betas: torch.Tensor):
         betas = betas.to(torch.float64)
-        if betas.dim() != 1 or not bool(((betas > 0) & (betas < 1)).all()):
-            raise ValueError("betas must be a 1-D tensor with values in (0, 1)")
+        if betas.dim() != 1 or not bool(((betas > 0) & (betas < 1)).all() or _zero_terminal(betas)):
+            raise ValueError("betas must be a 1-D tensor with values in (0, 1) (the last may be 1: zero terminal SNR)")
         alphas = 1.0 - betas
         alphas_cumprod = torch.cumprod(alphas, dim=0)
         alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
@@ -83,6 +88,37 @@ class NoiseSchedule:
         return torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=device)
 
 
+def _zero_terminal(betas: torch.Tensor) -> bool:
+    return betas.dim() == 1 and bool(((betas[:-1] > 0) & (betas[:-1] < 1)).all()) and betas[-1].item() == 1.0
+
+
+def terminal_signal(schedule: NoiseSchedule) -> float:
+    """sqrt(alpha_bar_{T-1}): how much of x0 is left in the x_T every sampler replaces by pure noise."""
+    return schedule.sqrt_alphas_cumprod[-1].item()
+
+
+def checked(schedule: NoiseSchedule, max_terminal_signal: float) -> NoiseSchedule:
+    """The schedule, or a one-line ValueError when its terminal signal exceeds ``max_terminal_signal``."""
+    signal = terminal_signal(schedule)
+    if signal > max_terminal_signal:
+        raise ValueError(f"schedule leaves sqrt(alpha_bar) = {signal:.3g} > max_terminal_signal = "
+                         f"{max_terminal_signal:g} at t = T-1 = {schedule.num_timesteps - 1}, but sampling starts "
+                         f"from pure noise; raise noise_steps or set schedule.max_terminal_signal to allow it")
+    return schedule
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2024, Algorithm 1: shift and scale sqrt(alpha_bar) so that it is 0 at t = T-1 and unchanged at t = 0.
+
+    The last beta becomes 1 (x_{T-1} is pure noise), so an eps-predictor cannot recover x0 there: use objective=v.
+    """
+    sqrt_ab = torch.cumprod(1.0 - betas.to(torch.float64), 0).sqrt()
+    first, last = sqrt_ab[0].item(), sqrt_ab[-1].item()
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)  # eq. in Algorithm 1: shift, then scale
+    ab = sqrt_ab**2
+    return 1.0 - torch.cat([ab[:1], ab[1:] / ab[:-1]])
+
+
 def linear_betas(noise_steps: int, beta_start: float, beta_end: float) -> torch.Tensor:
     """DDPM's linear schedule: torch.linspace(beta_start, beta_end, T), in float64."""
     return torch.linspace(beta_start, beta_end, noise_steps, dtype=torch.float64)
@@ -99,11 +135,24 @@ def cosine_betas(noise_steps: int, s: float = 0.008, max_beta: float = 0.999) ->
     return (1.0 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)
 
 
+def _build(betas: torch.Tensor, zero_terminal_snr: bool, max_terminal_signal: float) -> NoiseSchedule:
+    if zero_terminal_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    return checked(NoiseSchedule(betas), max_terminal_signal)
+
+
 @SCHEDULES.register("linear")
-def linear(noise_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseSchedule:
-    return NoiseSchedule(linear_betas(noise_steps, beta_start, beta_end))
+def linear(noise_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, zero_terminal_snr: bool = False,
+           max_terminal_signal: float = 0.01) -> NoiseSchedule:
+    """DDPM's linear betas given for T = 1000, scaled by 1000/T (improved-diffusion) so any T ends in noise."""
+    scale = 1000.0 / noise_steps
+    if beta_end * scale >= 1:
+        raise ValueError(f"linear schedule: beta_end * 1000/T = {beta_end * scale:g} >= 1; use more noise_steps")
+    return _build(linear_betas(noise_steps, beta_start * scale, beta_end * scale), zero_terminal_snr,
+                  max_terminal_signal)
 
 
 @SCHEDULES.register("cosine")
-def cosine(noise_steps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> NoiseSchedule:
-    return NoiseSchedule(cosine_betas(noise_steps, s, max_beta))
+def cosine(noise_steps: int = 1000, s: float = 0.008, max_beta: float = 0.999, zero_terminal_snr: bool = False,
+           max_terminal_signal: float = 0.01) -> NoiseSchedule:
+    return _build(cosine_betas(noise_steps, s, max_beta), zero_terminal_snr, max_terminal_signal)

@@ -79,3 +79,64 @@ def test_gradient_clipping_at_one():
     p.train_step(digits_batch() * 50)  # a huge loss: clipping must bound the update
     norm = torch.sqrt(sum(q.grad.pow(2).sum() for q in p.model.parameters() if q.grad is not None))
     assert norm <= 1.0 + 1e-4
+
+
+def _zero_net(p):
+    """A copy of the process's network with every weight zeroed: it predicts eps = 0 (output bias 0)."""
+    import copy
+
+    net = copy.deepcopy(p.model)
+    with torch.no_grad():
+        for q in net.parameters():
+            q.zero_()
+    return net
+
+
+def test_assigning_ema_model_changes_what_sample_uses():
+    torch.manual_seed(0)
+    p = DiffusionProcessCIFAR(8, 1, [32, 32], noise_steps=20, device="cpu")
+    zero = _zero_net(p)
+    p.ema_model = zero
+    assert all(torch.equal(a, b) for a, b in zip(p.ema_model.parameters(), zero.parameters()))
+    # eps = 0 everywhere: DDIM's x0_pred is x_t / sqrt(ab), and the sample is the deterministic image of x_T
+    g = torch.Generator().manual_seed(3)
+    out = p.sample_ddim(2, ddim_steps=4, generator=g)
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    ab = p.alpha_cumprod.double()
+    expected = (x_T.double() / ab[19].sqrt()).clamp(-1, 1).float()
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    p.train_step(digits_batch())  # training keeps averaging into the assigned EMA
+    assert any(not torch.equal(a, b) for a, b in zip(p.ema_model.parameters(), zero.parameters()))
+
+
+def test_assigning_model_changes_what_training_and_sampling_use():
+    torch.manual_seed(0)
+    p = DiffusionProcess(8, 1, [16, 32], noise_steps=20, device="cpu")
+    new = DiffusionModel(8, 1, [16, 32])
+    p.model = new
+    assert p.model is new and p.optimizer.param_groups[0]["params"][0] is next(new.parameters())
+    assert p.optimizer.param_groups[0]["lr"] == 1e-4 and isinstance(p.optimizer, torch.optim.Adam)
+    before = [q.clone() for q in new.parameters()]
+    p.train_step(digits_batch())
+    assert any(not torch.equal(a, b) for a, b in zip(new.parameters(), before)), "training updates the new model"
+    zero = _zero_net(p)
+    p.model = zero
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    out = p.sample_ddim(2, ddim_steps=3, generator=torch.Generator().manual_seed(4))
+    expected = (x_T.double() / p.alpha_cumprod.double()[19].sqrt()).clamp(-1, 1).float()
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+def test_assigning_schedule_arrays_changes_what_training_and_sampling_use():
+    p = DiffusionProcessCIFAR(8, 1, [32, 32], noise_steps=20, device="cpu")
+    new_betas = torch.linspace(1e-3, 0.3, 30)
+    p.beta_schedule = new_betas
+    assert p.noise_steps == 30 and p.schedule.num_timesteps == 30
+    torch.testing.assert_close(p.beta_schedule, new_betas)
+    torch.testing.assert_close(p.alpha_cumprod, torch.cumprod(1 - new_betas.double(), 0).float())
+    p.sqrt_alpha_cumprod = torch.zeros(30)
+    p.sqrt_one_minus_alpha_cumprod = torch.ones(30)
+    x = torch.rand(4, 1, 8, 8)
+    x_t, noise = p.add_noise(x, torch.full((4,), 3))
+    assert torch.equal(x_t, noise), "add_noise uses the assigned arrays"
+    assert p.sample(1).shape == (1, 1, 8, 8)  # ddpm now runs all 30 steps

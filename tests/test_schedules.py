@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from diffusion_lab.registry import SCHEDULES, UnknownChoiceError
-from diffusion_lab.schedules import NoiseSchedule, cosine, extract, linear
+from diffusion_lab.config import ConfigError, validate
+from diffusion_lab.schedules import NoiseSchedule, cosine, extract, linear, linear_betas, terminal_signal
+from tests.helpers import compose_config, run_cli
 
 TENSORS = (
     "betas", "alphas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
@@ -31,13 +33,66 @@ def schedule(request):
 
 
 def test_linear_endpoints_and_length():
-    for T in (1000, 50):
+    """The app's linear betas are DDPM's at T = 1000 and scale with 1000/T (improved-diffusion)."""
+    for T in (1000, 50, 4000):
         s = linear(noise_steps=T)
+        scale = 1000 / T
         assert s.num_timesteps == T and s.betas.shape == (T,)
-        assert s.betas[0].item() == pytest.approx(1e-4, rel=1e-6)
-        assert s.betas[-1].item() == pytest.approx(0.02, rel=1e-6)
-        step = torch.full((T - 1,), (0.02 - 1e-4) / (T - 1), dtype=torch.float64)
-        torch.testing.assert_close(_f64(s, "betas").diff(), step, rtol=1e-4, atol=0)  # float32 storage
+        assert s.betas[0].item() == pytest.approx(1e-4 * scale, rel=1e-6)
+        assert s.betas[-1].item() == pytest.approx(0.02 * scale, rel=1e-6)
+        step = torch.full((T - 1,), (0.02 - 1e-4) * scale / (T - 1), dtype=torch.float64)
+        torch.testing.assert_close(_f64(s, "betas").diff(), step, rtol=1e-3, atol=0)  # float32 storage
+
+
+@pytest.mark.parametrize("T", [50, 100, 250, 500, 1000, 2000, 4000])
+@pytest.mark.parametrize("name", SCHEDULE_NAMES)
+def test_terminal_signal_stays_below_one_percent_at_any_T(name, T):
+    """Every sampler starts from pure N(0, I): sqrt(alpha_bar_{T-1}) must be ~0 (the literal DDPM formula
+    leaves 0.60 at T = 100 and 0.28 at T = 250)."""
+    assert terminal_signal(SCHEDULES.build(name, noise_steps=T)) < 0.01
+    literal = NoiseSchedule(linear_betas(T, 1e-4, 0.02))
+    if T <= 250:
+        assert terminal_signal(literal) > 0.25, "why the app scales: the literal formula keeps signal at small T"
+
+
+def test_terminal_signal_threshold_refuses_in_one_line():
+    with pytest.raises(ValueError, match=r"sqrt\(alpha_bar\) = 0.6.* > max_terminal_signal = 0.01 at t = T-1 = 99"):
+        linear(noise_steps=100, beta_start=1e-5, beta_end=2e-3)  # the literal T=100 DDPM betas, unscaled
+    allowed = linear(noise_steps=100, beta_start=1e-5, beta_end=2e-3, max_terminal_signal=1.0)
+    assert terminal_signal(allowed) == pytest.approx(0.60, abs=0.01)
+    with pytest.raises(ValueError, match="beta_end \\* 1000/T = 2 >= 1"):
+        linear(noise_steps=10)
+    cfg = compose_config(["schedule.beta_end=0.002", "schedule.noise_steps=100"])
+    with pytest.raises(ConfigError, match="max_terminal_signal"):
+        validate(cfg)
+
+
+@pytest.mark.slow
+def test_terminal_signal_refusal_on_the_command_line(tmp_path):
+    result = run_cli("diffusion_lab.train", ["schedule.beta_end=0.002", "schedule.noise_steps=100", "logger=none"],
+                     tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip().startswith("error: schedule leaves sqrt(alpha_bar) =")
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name", SCHEDULE_NAMES)
+def test_zero_terminal_snr_rescale(name):
+    """Lin et al. 2024, Algorithm 1: sqrt(alpha_bar) shifted to 0 at T-1 and scaled to keep t = 0; in between it is
+    an affine map of the original, so it stays strictly decreasing."""
+    base, z = SCHEDULES.build(name), SCHEDULES.build(name, zero_terminal_snr=True)
+    a, a_z = _f64(base, "sqrt_alphas_cumprod"), _f64(z, "sqrt_alphas_cumprod")
+    assert a_z[-1].item() == 0.0 and z.betas[-1].item() == 1.0 and z.snr[-1].item() == 0.0
+    assert a_z[0].item() == pytest.approx(a[0].item(), rel=1e-6)
+    torch.testing.assert_close(a_z, (a - a[-1]) * a[0] / (a[0] - a[-1]), rtol=1e-4, atol=1e-6)
+    assert bool((a_z[1:] < a_z[:-1]).all())
+    assert bool(torch.isfinite(z.posterior_variance).all() and torch.isfinite(z.posterior_mean_coef1).all())
+
+
+def test_zero_terminal_snr_needs_v_or_x0():
+    with pytest.raises(ConfigError, match="zero_terminal_snr=true needs objective=v or x0"):
+        validate(compose_config(["schedule.zero_terminal_snr=true"]))
+    validate(compose_config(["schedule.zero_terminal_snr=true", "objective=v"]))
 
 
 def test_cosine_alpha_bar_follows_the_formula():
@@ -155,10 +210,11 @@ def test_schedule_registry():
         SCHEDULES.build("sigmoid")
     assert str(info.value) == f"unknown schedule 'sigmoid'; known: {', '.join(SCHEDULES.names())}"
     assert "cosine" in str(info.value) and "linear" in str(info.value)
-    assert SCHEDULES.build("linear", noise_steps=10).num_timesteps == 10
+    assert SCHEDULES.build("linear", noise_steps=50).num_timesteps == 50
 
 
-@pytest.mark.parametrize("betas", [torch.tensor([0.1, 1.0]), torch.tensor([0.0, 0.1]), torch.ones(2, 2) * 0.1])
+@pytest.mark.parametrize("betas", [torch.tensor([1.0, 0.1]), torch.tensor([0.1, 1.5]), torch.tensor([0.0, 0.1]), torch.ones(2, 2) * 0.1])
 def test_bad_betas_rejected(betas):
     with pytest.raises(ValueError, match="betas must be a 1-D tensor"):
         NoiseSchedule(betas)
+    assert NoiseSchedule(torch.tensor([0.1, 0.5, 1.0])).alphas_cumprod[-1].item() == 0.0  # zero terminal SNR

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusion_lab.models import DiffusionModel, DiffusionModelCIFAR, count_parameters
-from diffusion_lab.models.unet import SelfAttention, TimeEmbedding
+from diffusion_lab.models.unet import ResBlock, SelfAttention, TimeEmbedding
 from diffusion_lab.objectives import EpsObjective
 from diffusion_lab.registry import MODELS
 from diffusion_lab.schedules import linear
@@ -15,8 +15,8 @@ from diffusion_lab.schedules import linear
 DDPM_CIFAR10_PARAMS = 35_746_307  # diffusion_tf, ch=128, ch_mult=(1,2,2,2), 2 res blocks, attention at 16
 
 
-def small_base(image_size, channels):
-    return DiffusionModel(image_size, channels, hidden_dims=[8, 16, 16], time_dim=16, num_heads=2, norm_groups=4)
+def small_base(image_size, channels, **kw):
+    return DiffusionModel(image_size, channels, hidden_dims=[8, 16, 16], time_dim=16, num_heads=2, norm_groups=4, **kw)
 
 
 def small_cifar(image_size, channels, **kw):
@@ -72,18 +72,46 @@ def test_empty_hidden_dims_and_bad_groups():
 
 
 def test_ddpm_recipe_parameter_count():
-    model = MODELS.build("cifar", image_size=32, channels=3)
+    """experiment=ddpm_cifar10 builds the paper's network: DDPM's 35,746,307 parameters exactly."""
+    from diffusion_lab.build import build_model
+    from tests.helpers import compose_config
+
+    cfg = compose_config(["experiment=ddpm_cifar10"])
+    model = build_model(cfg, image_size=32, channels=3)
+    assert (cfg.model.resample, cfg.model.zero_init) == ("ddpm", True)
+    assert count_parameters(model) == DDPM_CIFAR10_PARAMS == 35_746_307
+    assert not any(isinstance(m, nn.ConvTranspose2d) or getattr(m, "kernel_size", None) == (4, 4)
+                   for m in model.modules())
+    with torch.no_grad():  # a single tiny forward
+        assert model.eval()(torch.randn(1, 3, 32, 32), torch.tensor([10])).shape == (1, 3, 32, 32)
+
+
+def test_reference_classes_keep_the_reference_resampling():
+    """DiffusionModelCIFAR's defaults (the reference) keep 4x4 resampling: 7/16 of every resampling weight more."""
+    model = DiffusionModelCIFAR(32, 3)
     n = count_parameters(model)
-    # Within 7% of DDPM's 35.7M; the whole difference is the reference's 4x4 resampling kernels
-    # (DDPM: 3x3 stride-2 conv down, nearest + 3x3 conv up): 7/16 of every resampling weight.
-    assert abs(n - DDPM_CIFAR10_PARAMS) / DDPM_CIFAR10_PARAMS < 0.07
     resample = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and m.kernel_size == (4, 4)]
     assert len(resample) == 6
     extra = sum(m.weight.numel() * 7 // 16 for m in resample)
-    assert n - extra == DDPM_CIFAR10_PARAMS
-    assert n == 38_154_755
-    with torch.no_grad():  # a single tiny forward
-        assert model.eval()(torch.randn(1, 3, 32, 32), torch.tensor([10])).shape == (1, 3, 32, 32)
+    assert n - extra == DDPM_CIFAR10_PARAMS and n == 38_154_755
+    assert any(p.abs().sum() > 0 for p in model.out_conv.parameters()), "no zero init in the reference"
+    with pytest.raises(ValueError, match="unknown resample 'bilinear'; known: reference, ddpm"):
+        DiffusionModelCIFAR(32, 3, [32, 32], resample="bilinear")
+
+
+@pytest.mark.parametrize("build", [small_base, small_cifar], ids=["base", "cifar"])
+def test_zero_init_makes_every_residual_branch_start_at_zero(build):
+    torch.manual_seed(0)
+    model = build(8, 1, resample="ddpm", zero_init=True)
+    zeroed = [m.conv2 for m in model.modules() if isinstance(m, ResBlock)] + [model.out_conv]
+    zeroed += [m.proj for m in model.modules() if isinstance(m, SelfAttention)]
+    assert len(zeroed) > 3 and all(p.abs().sum() == 0 for layer in zeroed for p in layer.parameters())
+    with torch.no_grad():
+        out = model(torch.randn(2, 1, 8, 8), torch.tensor([3, 700]))
+    assert torch.equal(out, torch.zeros_like(out)), "DDPM's network predicts 0 at initialisation"
+    loss = model(torch.randn(2, 1, 8, 8), torch.tensor([3, 700])).sub(1).pow(2).mean()
+    loss.backward()
+    assert model.out_conv.weight.grad.abs().sum() > 0, "and still learns"
 
 
 def test_registry_builds_both():

@@ -31,6 +31,7 @@ __all__ = [
     "DiffusionModel",
     "DiffusionModelCIFAR",
     "count_parameters",
+    "zero_init_",
 ]
 
 
@@ -49,6 +50,42 @@ def group_norm(groups: int, channels: int, where: str) -> nn.GroupNorm:
 
 def conv3x3(in_ch: int, out_ch: int) -> nn.Conv2d:
     return nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1)
+
+
+RESAMPLE = ("reference", "ddpm")
+
+
+def _check_resample(resample: str) -> None:
+    if resample not in RESAMPLE:
+        raise ValueError(f"unknown resample '{resample}'; known: {', '.join(RESAMPLE)}")
+
+
+def downsampler(ch: int, resample: str) -> nn.Module:
+    """Halve H and W: the reference's 4x4 stride-2 conv, or DDPM's 3x3 stride-2 conv."""
+    _check_resample(resample)
+    if resample == "ddpm":
+        return nn.Conv2d(ch, ch, kernel_size=3, stride=2, padding=1)
+    return nn.Conv2d(ch, ch, kernel_size=4, stride=2, padding=1)
+
+
+def upsampler(ch: int, resample: str) -> nn.Module:
+    """Double H and W: the reference's 4x4 stride-2 transposed conv, or DDPM's nearest neighbour + 3x3 conv."""
+    _check_resample(resample)
+    if resample == "ddpm":
+        return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), conv3x3(ch, ch))
+    return nn.ConvTranspose2d(ch, ch, kernel_size=4, stride=2, padding=1)
+
+
+def zero_init_(model: nn.Module) -> nn.Module:
+    """DDPM's init_scale=0 layers: the last conv of every ResBlock, every attention output projection and the
+    output conv start at zero, so each residual branch starts as the identity and the network predicts 0."""
+    layers = [m.conv2 for m in model.modules() if isinstance(m, ResBlock)]
+    layers += [m.proj for m in model.modules() if isinstance(m, SelfAttention)] + [model.out_conv]
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.zero_()
+            layer.bias.zero_()
+    return model
 
 
 class TimeEmbedding(nn.Module):
@@ -143,7 +180,7 @@ def _attention_or_identity(use: bool, ch: int, num_heads: int, norm_groups: int)
 
 
 class DownBlock(nn.Module):
-    """One encoder level: ``num_res_blocks`` x (ResBlock [-> SelfAttention]) then a 4x4 stride-2 conv.
+    """One encoder level: ``num_res_blocks`` x (ResBlock [-> SelfAttention]) then a stride-2 conv (``downsample``).
 
     Returns (downsampled, skips): skips are the outputs of every ResBlock(+attention), at the input resolution;
     with ``skip_downsampled`` (DDPM) the downsampled tensor is appended to them too. Without ``downsample``
@@ -152,7 +189,7 @@ class DownBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, time_dim: int, num_res_blocks: int = 1, dropout: float = 0.0,
                  attention: bool = False, num_heads: int = 4, norm_groups: int = 8, downsample: bool = True,
-                 skip_downsampled: bool = False):
+                 skip_downsampled: bool = False, resample: str = "reference"):
         super().__init__()
         self.res_blocks = nn.ModuleList(
             ResBlock(in_ch if i == 0 else out_ch, out_ch, time_dim, dropout, norm_groups) for i in range(num_res_blocks)
@@ -160,7 +197,7 @@ class DownBlock(nn.Module):
         self.attentions = nn.ModuleList(
             _attention_or_identity(attention, out_ch, num_heads, norm_groups) for _ in range(num_res_blocks)
         )
-        self.downsample = nn.Conv2d(out_ch, out_ch, kernel_size=4, stride=2, padding=1) if downsample else None
+        self.downsample = downsampler(out_ch, resample) if downsample else None
         self.skip_downsampled = skip_downsampled and downsample
         self.skip_channels = [out_ch] * (num_res_blocks + int(self.skip_downsampled))
 
@@ -177,15 +214,16 @@ class DownBlock(nn.Module):
 
 
 class UpBlock(nn.Module):
-    """One decoder level: [ConvTranspose 4x4 stride 2] then, per skip, concat skip -> ResBlock [-> SelfAttention].
+    """One decoder level: [``upsampler``] then, per skip, concat skip -> ResBlock [-> SelfAttention].
 
     ``skip_channels`` lists the channels of the skips in the order they are consumed (latest-stored first).
     """
 
     def __init__(self, in_ch: int, skip_channels: Sequence[int], out_ch: int, time_dim: int, dropout: float = 0.0,
-                 attention: bool = False, num_heads: int = 4, norm_groups: int = 8, upsample: bool = True):
+                 attention: bool = False, num_heads: int = 4, norm_groups: int = 8, upsample: bool = True,
+                 resample: str = "reference"):
         super().__init__()
-        self.upsample = nn.ConvTranspose2d(in_ch, in_ch, kernel_size=4, stride=2, padding=1) if upsample else None
+        self.upsample = upsampler(in_ch, resample) if upsample else None
         self.num_skips = len(skip_channels)
         self.res_blocks = nn.ModuleList(
             ResBlock((in_ch if i == 0 else out_ch) + skip_ch, out_ch, time_dim, dropout, norm_groups)
@@ -270,22 +308,27 @@ class DiffusionModel(_UNet):
     """
 
     def __init__(self, image_size: int, channels: int, hidden_dims: Sequence[int] = (32, 64, 128),
-                 time_dim: int = 128, num_heads: int = 4, norm_groups: int = 8, dropout: float = 0.0):
+                 time_dim: int = 128, num_heads: int = 4, norm_groups: int = 8, dropout: float = 0.0,
+                 resample: str = "reference", zero_init: bool = False):
         super().__init__()
         dims = self._setup(image_size, channels, hidden_dims)
         self.time_mlp = TimeEmbedding(time_dim)
         self.init_conv = conv3x3(channels, dims[0])
         self.down_blocks = nn.ModuleList(
-            DownBlock(c_in, c_out, time_dim, dropout=dropout, num_heads=num_heads, norm_groups=norm_groups)
+            DownBlock(c_in, c_out, time_dim, dropout=dropout, num_heads=num_heads, norm_groups=norm_groups,
+                      resample=resample)
             for c_in, c_out in zip(dims[:-1], dims[1:])
         )
         self.bottleneck = Bottleneck(dims[-1], time_dim, dropout=dropout, num_heads=num_heads, norm_groups=norm_groups)
         self.up_blocks = nn.ModuleList(
-            UpBlock(c_in, [c_in], c_out, time_dim, dropout=dropout, num_heads=num_heads, norm_groups=norm_groups)
+            UpBlock(c_in, [c_in], c_out, time_dim, dropout=dropout, num_heads=num_heads, norm_groups=norm_groups,
+                    resample=resample)
             for c_in, c_out in zip(reversed(dims[1:]), reversed(dims[:-1]))
         )
         self.out_norm = group_norm(norm_groups, dims[0], "out_norm")
         self.out_conv = conv3x3(dims[0], channels)
+        if zero_init:
+            zero_init_(self)
 
 
 class DiffusionModelCIFAR(_UNet):
@@ -296,20 +339,24 @@ class DiffusionModelCIFAR(_UNet):
     skip (init_conv output, every encoder ResBlock output and every downsampled tensor, as in DDPM). Attention
     after the ResBlocks of levels whose resolution is in ``attention_resolutions``, dropout in every ResBlock.
     Time embedding as in DDPM: sinusoidal(hidden_dims[0]) -> Linear -> SiLU -> Linear(time_dim).
-    Resampling is the reference's 4x4 stride-2 conv / transposed conv (DDPM: 3x3 conv / nearest + 3x3 conv).
+    ``resample="reference"`` (the reference classes) uses 4x4 stride-2 conv / transposed conv, ``"ddpm"`` the paper's
+    3x3 stride-2 conv / nearest + 3x3 conv; ``zero_init`` is DDPM's zero init (see ``zero_init_``). With both, the
+    DDPM recipe has the paper's 35,746,307 parameters.
     """
 
     skip_init = True
 
     def __init__(self, image_size: int, channels: int, hidden_dims: Sequence[int] = (128, 256, 256, 256),
                  time_dim: int = 512, dropout: float = 0.1, num_res_blocks: int = 2,
-                 attention_resolutions: Sequence[int] = (16,), num_heads: int = 1, norm_groups: int = 32):
+                 attention_resolutions: Sequence[int] = (16,), num_heads: int = 1, norm_groups: int = 32,
+                 resample: str = "reference", zero_init: bool = False):
         super().__init__()
         dims = self._setup(image_size, channels, hidden_dims)
         if num_res_blocks < 1:
             raise ValueError(f"num_res_blocks must be >= 1, got {num_res_blocks}")
         attn_res = {int(r) for r in attention_resolutions}
         block_kw = dict(dropout=dropout, num_heads=num_heads, norm_groups=norm_groups)
+        level_kw = dict(block_kw, resample=resample)
         last = len(dims) - 1
         self.time_mlp = TimeEmbedding(dims[0], hidden_dim=time_dim, out_dim=time_dim, act=nn.SiLU)
         self.init_conv = conv3x3(channels, dims[0])
@@ -319,7 +366,7 @@ class DiffusionModelCIFAR(_UNet):
         c_in = dims[0]
         for level, c_out in enumerate(dims):
             block = DownBlock(c_in, c_out, time_dim, num_res_blocks, attention=(image_size >> level) in attn_res,
-                              downsample=level != last, skip_downsampled=True, **block_kw)
+                              downsample=level != last, skip_downsampled=True, **level_kw)
             self.down_blocks.append(block)
             skip_chs += block.skip_channels
             c_in = c_out
@@ -331,26 +378,30 @@ class DiffusionModelCIFAR(_UNet):
             consumed = [skip_chs.pop() for _ in range(num_res_blocks + 1)]
             self.up_blocks.append(UpBlock(c_in, consumed, dims[level], time_dim,
                                           attention=(image_size >> level) in attn_res,
-                                          upsample=level != last, **block_kw))
+                                          upsample=level != last, **level_kw))
             c_in = dims[level]
         assert not skip_chs, "every stored skip is consumed by the decoder"
         self.out_norm = group_norm(norm_groups, dims[0], "out_norm")
         self.out_conv = conv3x3(dims[0], channels)
+        if zero_init:
+            zero_init_(self)
 
 
 @MODELS.register("base")
 def build_base(image_size: int, channels: int, hidden_dims: Sequence[int] = (32, 64, 128), time_dim: int = 128,
-               num_heads: int = 4, norm_groups: int = 8, dropout: float = 0.0) -> DiffusionModel:
+               num_heads: int = 4, norm_groups: int = 8, dropout: float = 0.0, resample: str = "reference",
+               zero_init: bool = False) -> DiffusionModel:
     return DiffusionModel(image_size, channels, list(hidden_dims), time_dim, num_heads=num_heads,
-                          norm_groups=norm_groups, dropout=dropout)
+                          norm_groups=norm_groups, dropout=dropout, resample=resample, zero_init=zero_init)
 
 
 @MODELS.register("cifar")
 def build_cifar(image_size: int, channels: int, base_channels: int = 128, channel_mult: Sequence[int] = (1, 2, 2, 2),
                 time_dim: Optional[int] = None, dropout: float = 0.1, num_res_blocks: int = 2,
-                attention_resolutions: Sequence[int] = (16,), num_heads: int = 1,
-                norm_groups: int = 32) -> DiffusionModelCIFAR:
-    """DDPM recipe by default: hidden_dims = base_channels * channel_mult, time_dim = 4 * base_channels."""
+                attention_resolutions: Sequence[int] = (16,), num_heads: int = 1, norm_groups: int = 32,
+                resample: str = "reference", zero_init: bool = False) -> DiffusionModelCIFAR:
+    """DDPM recipe: hidden_dims = base_channels * channel_mult, time_dim = 4 * base_channels. The resample and
+    zero_init defaults rebuild checkpoints saved before they existed; conf/model/cifar.yaml picks the paper's."""
     hidden_dims = [int(base_channels) * int(m) for m in channel_mult]
     return DiffusionModelCIFAR(image_size, channels, hidden_dims, time_dim or 4 * int(base_channels), dropout,
-                               num_res_blocks, tuple(attention_resolutions), num_heads, norm_groups)
+                               num_res_blocks, tuple(attention_resolutions), num_heads, norm_groups, resample, zero_init)
