@@ -6,6 +6,7 @@ types and ranges of the composed values.
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -188,6 +189,28 @@ def _check_group_choices(overrides: Sequence[Any]) -> Optional[str]:
     return None
 
 
+def _check_output_dir(overrides: Sequence[Any], mode: str) -> Optional[str]:
+    """The run (or sweep) dir must be creatable: its nearest existing ancestor a writable folder."""
+    key = f"hydra.{mode}.dir"
+    given = [str(o.value()) for o in overrides if o.key_or_group == key and not o.is_sweep_override()]
+    path = Path(given[-1] if given else "outputs").expanduser().absolute()
+    ancestor = next(p for p in (path, *path.parents) if p.exists())
+    if not ancestor.is_dir():
+        return f"{key}={path} cannot be created: {ancestor} is a file"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"{key}={path} cannot be created: {ancestor} is not writable"
+    resuming = any(o.key_or_group == "train.resume" and o.value() is not None for o in overrides)
+    found = [name for name in run_dir.RUN_ARTEFACTS if (path / name).exists()]
+    if mode == "run" and found and not resuming:  # checked before Hydra writes its .hydra/ files there
+        return f"{key}={path} already holds a run ({', '.join(found)}); pick a new dir or resume that run"
+    return None
+
+
+# Hydra's own flags: with one of them the command line is Hydra's to check.
+HYDRA_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "--info", "-i", "--shell-completion", "-sc",
+               "-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir", "--resolve", "-p", "--package"}
+
+
 def check_overrides(args: Sequence[str], config_name: str = "config") -> None:
     """Compose every job of a (multi)run command line and validate it; exit with one line on error."""
     from hydra import compose, initialize_config_dir
@@ -196,14 +219,17 @@ def check_overrides(args: Sequence[str], config_name: str = "config") -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     texts = [a for a in args if not a.startswith("-")]
-    try:
-        parsed = OverridesParser.create().parse_overrides(texts)
-    except Exception as error:  # Hydra's OverrideParseException
-        fail(_one_line(error))
-    problem = _check_group_choices(parsed)
+    parser = OverridesParser.create()
+    for text in texts:
+        try:
+            parser.parse_overrides([text])
+        except Exception as error:  # Hydra's OverrideParseException
+            fail(f"cannot parse {text!r}: {_one_line(error)}")
+    parsed = parser.parse_overrides(texts)
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    problem = _check_group_choices(parsed) or _check_output_dir(parsed, "sweep" if multirun else "run")
     if problem:
         fail(problem)
-    multirun = any(a in ("-m", "--multirun") for a in args)
     jobs = BasicSweeper.split_arguments(parsed, None)[0] if multirun else [texts]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

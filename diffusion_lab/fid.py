@@ -521,9 +521,9 @@ class FIDTracker:
         return result
 
     def record(self, step: int, result: FIDResult) -> bool:
-        """Add a value to the history; True when it is the best so far."""
+        """Add a value to the history; True when it is the best so far (NaN or inf never is)."""
         self.history.append((step, result.value))
-        if self.best is None or result.value < self.best:
+        if math.isfinite(result.value) and (self.best is None or not result.value >= self.best):
             self.best = result.value
             return True
         return False

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, run_dir as run_dirs
 from .build import build_components, build_dataset, params, resolve_device
-from .config import CONF_DIR, ConfigError, check_overrides, error_line, fail, validate
+from .config import CONF_DIR, HYDRA_FLAGS, ConfigError, check_overrides, error_line, fail, validate
 from .data import DatasetNotFoundError, ResumableLoader, save_grid
 from .ema import EMA
 from .fid import FIDTracker
@@ -273,10 +273,6 @@ def hydra_main(cfg: DictConfig) -> None:
         fail(error_line(error))
     except Diverged as error:
         fail(str(error), code=3)
-
-
-HYDRA_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "--info", "-i", "--shell-completion", "-sc",
-               "-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir", "--resolve", "-p", "--package"}
 
 
 def main() -> None:
