@@ -94,6 +94,9 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
     run_dir = Path(run_dir)
     source = resume_path(cfg, outputs_root)
     state = checkpoint.load_for_resume(source, cfg) if source is not None else None
+    if state is not None and state["step"] >= cfg.train.steps:
+        raise ConfigError(f"train.resume={source} already reached step {state['step']} of train.steps="
+                          f"{cfg.train.steps}: raise train.steps to continue it")
     run_dirs.claim(run_dir, source)
     seed_everything(cfg.seed)
     t = cfg.train

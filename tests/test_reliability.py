@@ -367,17 +367,17 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, data):
     data_args = (["model.dropout=0.1"] if data == "digits" else
                  ["data=folder", f"data.root={_write_image_folder(tmp_path / 'images')}", "data.image_size=8",
                   "model.dropout=0.1", "train.batch_size=8"])
-    steps = 60
-    args = [*FAST, *data_args, f"train.steps={steps}", "train.log_every=1", "train.checkpoint_every=5",
+    steps = 40
+    args = [*FAST, *data_args, f"train.steps={steps}", "train.log_every=1", "train.checkpoint_every=4",
             "train.sample_every=0"]
     train(compose_config(args), tmp_path / "straight")
     proc = _start(args + [f"hydra.run.dir={tmp_path / 'killed'}"], tmp_path)
-    _wait_for_step(tmp_path / "killed" / "metrics.jsonl", random.randint(6, 40), proc)
+    _wait_for_step(tmp_path / "killed" / "metrics.jsonl", random.randint(5, 30), proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run ended before it was killed"
     killed_at = checkpoint.load(tmp_path / "killed" / "checkpoints" / "last.pt")["step"]
-    assert 5 <= killed_at < steps
+    assert 4 <= killed_at < steps
     resumed = _start(args + [f"train.resume={tmp_path / 'killed' / 'checkpoints' / 'last.pt'}",
                              f"hydra.run.dir={tmp_path / 'resumed'}"], tmp_path)
     _, err = resumed.communicate(timeout=300)
