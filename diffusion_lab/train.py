@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from . import checkpoint, run_dir as run_dirs
+from . import checkpoint, preemption, run_dir as run_dirs
 from .build import build_components, build_dataset, params, resolve_device
 from .config import CONF_DIR, HYDRA_FLAGS, ConfigError, check_overrides, error_line, fail, validate
 from .data import DatasetNotFoundError, ResumableLoader, save_grid
@@ -27,7 +27,6 @@ from .fid import FIDTracker
 from .loggers import LOGGERS
 from .models import count_parameters
 from .optim import TrainStep, build_optimizer
-from . import preemption
 from .plots import denoising_trajectory, forward_diffusion, plot_curves, plot_loss
 from .registry import SCHEDULES, UnknownChoiceError
 from .samplers import Trajectory, num_evaluations

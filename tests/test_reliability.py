@@ -112,6 +112,7 @@ for _ in range(40):
 """
 
 
+@pytest.mark.slow
 def test_concurrent_writers_never_leave_an_unreadable_file(tmp_path):
     path = tmp_path / "last.pt"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -128,6 +129,21 @@ def test_concurrent_writers_never_leave_an_unreadable_file(tmp_path):
         assert w.wait() == 0, f"a writer crashed: {w.stderr.read()[-2000:]}"
     assert torch.load(path, weights_only=True)["value"] in (1, 2) and reads > 0
     assert not list(tmp_path.glob("*.tmp")), "temp files left behind"
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    checkpoint.save(path, {"step": 1})
+
+    def disk_full(state, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match="No space left on device") as error:
+        checkpoint.save(path, {"step": 2})
+    assert "\n" not in str(error.value) and str(path) in str(error.value)
+    assert torch.load(path, weights_only=True) == {"step": 1} and not list(tmp_path.glob("*.tmp"))
 
 
 def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
@@ -182,6 +198,18 @@ def test_two_runs_started_together_get_their_own_dirs(tmp_path):
     assert sorted(OmegaConf.load(d / "config.yaml").seed for d in run_dirs) == [0, 1]
 
 
+@pytest.mark.slow
+def test_jobs_of_a_parallel_sweep_share_one_sweep_dir(tmp_path):
+    """The uid is drawn once per sweep: joblib's worker processes resolve the same sweep dir."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
+    result = subprocess.run([sys.executable, "-m", "diffusion_lab.train", "-m", "schedule=linear,cosine",
+                             "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *FAST, "train.steps=1"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    sweeps = {p.parent.parent for p in (tmp_path / "outputs" / "multirun").rglob("summary.json")}
+    assert len(sweeps) == 1 and len(list(next(iter(sweeps)).glob("*/summary.json"))) == 2
+
+
 def test_a_run_dir_holding_a_run_is_not_reused(finished_run, tmp_path):
     before = {p: p.stat().st_mtime_ns for p in finished_run.rglob("*")}
     with pytest.raises(ConfigError, match="already holds a run"):
@@ -189,6 +217,7 @@ def test_a_run_dir_holding_a_run_is_not_reused(finished_run, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in finished_run.rglob("*")} == before, "nothing is overwritten"
 
 
+@pytest.mark.slow
 def test_a_run_continues_in_its_own_dir_without_duplicated_metrics(tmp_path):
     """A requeued job resumes in its own dir: the metrics written after its checkpoint are dropped, not repeated."""
     run_dir = tmp_path / "run"
@@ -248,6 +277,7 @@ def test_non_finite_fp16_step_lowers_the_scale():
     assert step.skipped and step.scaler.get_scale() < scale
 
 
+@pytest.mark.slow
 def test_diverging_run_stops_with_one_true_line(tmp_path, capsys):
     """lr=1e30 blows the weights up after one step; every later step is skipped; the run stops after 3."""
     args = [*FAST, "train.steps=50", "train.lr=1e30", "train.warmup_steps=0", "train.grad_clip=0",
@@ -304,6 +334,7 @@ def test_explicit_resume_refuses_a_different_config(finished_run, tmp_path, chan
     assert not (tmp_path / "r").exists(), "refused before anything is written"
 
 
+@pytest.mark.slow
 def test_explicit_resume_accepts_rhythm_changes(finished_run, tmp_path):
     cfg = fast("train.steps=7", "train.log_every=1", "train.checkpoint_every=7",
                f"train.resume={finished_run / 'checkpoints' / 'last.pt'}")
