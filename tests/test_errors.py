@@ -13,6 +13,15 @@ FAST = [o for o in TINY if not o.startswith(("train.steps", "eval."))] + ["eval.
                                                                           "train.steps=2"]
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; on a busy machine torch's spinning threads cost 30x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """Checkpoints good and bad, image folders good and bad, and a finished run dir."""
