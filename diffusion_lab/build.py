@@ -22,9 +22,18 @@ def params(node: DictConfig) -> Dict[str, Any]:
 
 
 def resolve_device(name: str) -> torch.device:
+    """`auto` -> CUDA when available, else CPU; a device that is not there is a one-line ValueError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"device={name!r} is not a device (auto, cpu, cuda, cuda:N)") from error
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device={name!r} is not available here ({torch.cuda.device_count()} CUDA devices)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={name!r} is not available here")
+    return device
 
 
 def build_schedule(cfg: DictConfig) -> NoiseSchedule:

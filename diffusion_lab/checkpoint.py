@@ -1,39 +1,177 @@
-"""Checkpoints: written atomically, holding everything needed to continue a run bit-for-bit."""
+"""Checkpoints are data: written atomically and durably, read without running code, checked before use.
+
+A checkpoint holds tensors and plain Python values only, so `torch.load(weights_only=True)` reads it:
+a file whose pickle asks for any other global (e.g. `os.system`) is refused with one line. Every
+problem with a checkpoint is a `CheckpointError` whose message is one line naming the file.
+"""
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 import random
+import re
+import socket
+import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-# Keys that may differ between a run and its continuation.
+from .config import ConfigError
+
+# Keys that may differ between a run and its continuation (the rhythm of the run, not what it trains).
 RESUME_FREE_KEYS = ("train.steps", "train.resume", "train.log_every", "train.sample_every",
-                    "train.checkpoint_every", "eval", "logger", "device", "run_name")
+                    "train.checkpoint_every", "train.max_bad_steps", "eval", "logger", "device", "run_name")
+REQUIRED_KEYS = ("step", "model", "train_step", "config", "image_shape")
+
+# Checkpoints written before RNG states were stored as tensors hold numpy's MT19937 state as an
+# ndarray. These are exactly the numpy globals that unpickling a uint32 ndarray needs; the
+# weights-only unpickler still refuses everything else.
+_LEGACY_NUMPY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType,
+                         (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct")]
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be used; the message is one line naming the file."""
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def _remove_stale_temp_files(path: Path) -> None:
+    """Delete temp files of `path` left by writers on this host that no longer run (crashed mid-write)."""
+    host = socket.gethostname()
+    for tmp in path.parent.glob(_temp_prefix(path) + "*.tmp"):
+        parts = tmp.name[len(_temp_prefix(path)):].split(".")
+        if len(parts) < 3 or parts[0] != host or not parts[1].isdigit() or _alive(int(parts[1])):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # some filesystems cannot open or fsync a directory
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def save(path: Path, state: Dict[str, Any]) -> None:
-    """torch.save to a temp file in the same folder, then rename: a crash never leaves half a file."""
+    """Write `state` to a unique temp file beside `path`, fsync it, rename it over `path`, fsync the folder.
+
+    Readers see the old file or the new one, never half of one, also with several concurrent writers;
+    after a node crash the rename is on disk. Temp files of dead writers on this host are removed.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temp_files(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_temp_prefix(path)}{socket.gethostname()}.{os.getpid()}.",
+                                   suffix=".tmp")
+    except OSError as error:
+        raise CheckpointError(f"cannot write checkpoint {path}: {_first_line(error)}") from error
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # mkstemp makes 0600; checkpoints are shared
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(error, (OSError, RuntimeError)):  # disk full, quota, vanished folder
+            raise CheckpointError(f"cannot write checkpoint {path}: {_first_line(error)}") from error
+        raise
+    _fsync_dir(path.parent)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading
 
 
 def load(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
-    return torch.load(Path(path).expanduser(), map_location=map_location, weights_only=False)
+    """Read a checkpoint as data only (`weights_only=True`); CheckpointError (one line) if it cannot be used."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        with torch.serialization.safe_globals(_LEGACY_NUMPY_GLOBALS):
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        asks = f"it asks for {found.group(1)}" if found else _first_line(error)
+        raise CheckpointError(f"refusing to load {path}: a checkpoint must be plain data, but {asks}; it was not "
+                              f"loaded (a diffusion_lab checkpoint never needs code to load)") from error
+    except Exception as error:  # truncated, empty or not a torch file at all
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(error).__name__}: {_first_line(error)}") from error
+    if not isinstance(state, dict) or not all(key in state for key in REQUIRED_KEYS):
+        raise CheckpointError(f"{path} is not a diffusion_lab checkpoint (it lacks {', '.join(REQUIRED_KEYS)})")
+    return state
+
+
+def non_finite(state: Dict[str, Any]) -> List[str]:
+    """Names of the model, EMA and optimizer tensors of a checkpoint that hold NaN or inf."""
+    train_step = state["train_step"]
+    groups = {"model": state["model"], "ema": (train_step.get("ema") or {}).get("module", {}),
+              "optimizer": {f"{i}.{k}": v for i, s in train_step["optimizer"]["state"].items() for k, v in s.items()}}
+    return [f"{group}.{name}" for group, tensors in groups.items() for name, value in tensors.items()
+            if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()]
+
+
+def load_for_resume(path: Path, cfg: DictConfig, map_location: Any = "cpu") -> Dict[str, Any]:
+    """A checkpoint that this config may continue: same run config (rhythm keys aside), finite weights."""
+    state = load(path, map_location)
+    differences = config_differences(state["config"], OmegaConf.to_container(cfg, resolve=True))
+    if differences:
+        raise CheckpointError(f"train.resume={path} was trained with a different config: {'; '.join(differences)} "
+                              f"(only {', '.join(RESUME_FREE_KEYS)} may change when resuming)")
+    bad = non_finite(state)
+    if bad:
+        raise CheckpointError(f"{path} holds non-finite values ({bad[0]} and {len(bad) - 1} more): the run had "
+                              f"diverged; resume from an earlier checkpoint")
+    return state
+
+
+# ------------------------------------------------------------------------------------------------
+# Random number generators, stored as tensors and plain values
 
 
 def rng_states() -> Dict[str, Any]:
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian)),
     }
 
 
@@ -42,7 +180,13 @@ def set_rng_states(states: Dict[str, Any]) -> None:
     if states.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    kind, keys, *rest = states["numpy"]
+    keys = keys.numpy() if torch.is_tensor(keys) else keys  # tensors since this format; ndarrays before
+    np.random.set_state((kind, keys.astype(np.uint32), *rest))
+
+
+# ------------------------------------------------------------------------------------------------
+# Which runs a config may continue
 
 
 def _comparable(config: Dict[str, Any]) -> Dict[str, Any]:
@@ -55,9 +199,23 @@ def _comparable(config: Dict[str, Any]) -> Dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
+def _flat(config: Any, prefix: str = "") -> Dict[str, Any]:
+    if not isinstance(config, dict):
+        return {prefix: config}
+    return {k: v for key, value in config.items() for k, v in _flat(value, f"{prefix}{key}.").items()} or {prefix: {}}
+
+
+def config_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
+    """`key: saved -> current` for every value (rhythm keys aside) that differs between two configs."""
+    old, new = _flat(_comparable(saved)), _flat(_comparable(current))
+    missing = "<unset>"
+    return [f"{key.rstrip('.')}: {old.get(key, missing)} -> {new.get(key, missing)}"
+            for key in sorted(set(old) | set(new)) if old.get(key, missing) != new.get(key, missing)]
+
+
 def find_resumable(cfg: DictConfig, roots: Iterable[Path]) -> Optional[Path]:
     """The newest checkpoints/last.pt under `roots` whose run had the same config (rhythm keys aside)."""
-    wanted = _comparable(OmegaConf.to_container(cfg, resolve=True))
+    wanted = OmegaConf.to_container(cfg, resolve=True)
     candidates = sorted(
         (p for root in roots if Path(root).is_dir() for p in Path(root).rglob("checkpoints/last.pt")),
         key=lambda p: p.stat().st_mtime,
@@ -65,6 +223,6 @@ def find_resumable(cfg: DictConfig, roots: Iterable[Path]) -> Optional[Path]:
     )
     for path in candidates:
         saved = path.parent.parent / "config.yaml"  # the resolved config written beside checkpoints/
-        if saved.is_file() and _comparable(OmegaConf.to_container(OmegaConf.load(saved))) == wanted:
+        if saved.is_file() and not config_differences(OmegaConf.to_container(OmegaConf.load(saved)), wanted):
             return path
     return None

@@ -6,11 +6,15 @@ types and ranges of the composed values.
 """
 from __future__ import annotations
 
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, List, NoReturn, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
+
+from . import run_dir  # noqa: F401  (registers the ${uid:} resolver of the run dir names)
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -25,15 +29,29 @@ def fail(message: str, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
+def error_line(error: BaseException) -> str:
+    """An error as one line; for an error re-raised from a DataLoader worker, the original message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if lines[0].startswith("Caught ") and len(lines) > 1:  # torch's ExceptionWrapper: the cause is last
+        return lines[-1].split(": ", 1)[-1]
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return lines[0]
+
+
 def run_command(command: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> None:
     """Run command(cfg, Hydra's output dir); a refused input ends with one line, not a traceback."""
     from hydra.core.hydra_config import HydraConfig
 
+    from .data import DatasetNotFoundError
+
     try:
-        check_required(cfg)
+        validate(cfg)
         command(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (FileNotFoundError, ValueError) as error:
-        fail(str(error).splitlines()[0])
+    except (OSError, ValueError, DatasetNotFoundError) as error:
+        fail(error_line(error))
 
 
 def _options(group: str) -> List[str]:
@@ -52,12 +70,18 @@ def _rule(key: str, kind: type, check: Tuple[Callable[[Any], bool], str]) -> Rul
     return key, kind, check[0], check[1]
 
 
+_device = (lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None, "auto, cpu, mps, cuda or cuda:N")
+
+
 def _one_of(*choices: Any) -> Tuple[Callable[[Any], bool], str]:
     return (lambda v: v in choices, "one of " + ", ".join(map(str, choices)))
 
 
 RULES: Sequence[Rule] = (
     _rule("seed", int, _non_negative),
+    _rule("device", str, _device),
+    _rule("num_samples", int, _positive),
+    _rule("batch_size", int, _positive),
     _rule("data.image_size", int, _positive),
     _rule("data.channels", int, _one_of(1, 3)),
     _rule("model.time_dim", int, _positive),
@@ -93,6 +117,7 @@ RULES: Sequence[Rule] = (
     _rule("train.sample_every", int, _non_negative),
     _rule("train.num_grid_samples", int, _positive),
     _rule("train.checkpoint_every", int, _non_negative),
+    _rule("train.max_bad_steps", int, _positive),
     _rule("eval.every", int, _non_negative),
     _rule("eval.num_samples", int, _positive),
     _rule("eval.batch_size", int, _positive),
@@ -129,13 +154,24 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} must be {kind.__name__} ({expected})")
         if not ok(value):
             raise ConfigError(f"{key}={value!r} must be {expected}")
-    betas = cfg.train.get("betas")
+    betas = OmegaConf.select(cfg, "train.betas", default=None)
     if betas is not None and not (len(betas) == 2 and all(0 <= b < 1 for b in betas)):
         raise ConfigError(f"train.betas={list(betas)} must be two values in [0, 1)")
-    _check_sampling(cfg)
-    resume = cfg.train.get("resume")
+    resume = OmegaConf.select(cfg, "train.resume", default=None)
     if resume not in (None, "auto") and not Path(str(resume)).expanduser().is_file():
         raise ConfigError(f"train.resume={resume!r} must be auto or an existing checkpoint file")
+    _check_sampler_fits_schedule(cfg)
+    _check_sampling(cfg)
+
+
+def _check_sampler_fits_schedule(cfg: DictConfig) -> None:
+    """A sampler cannot take more steps than the schedule has timesteps (caught here, not after training)."""
+    steps = OmegaConf.select(cfg, "sampler.steps", default=None)
+    noise_steps = OmegaConf.select(cfg, "schedule.noise_steps", default=None)
+    if noise_steps is not None and noise_steps < 2:
+        raise ConfigError(f"schedule.noise_steps={noise_steps} must be >= 2")
+    if steps is not None and noise_steps is not None and steps > noise_steps:
+        raise ConfigError(f"sampler.steps={steps} must be <= schedule.noise_steps={noise_steps}")
 
 
 def _check_sampling(cfg: DictConfig) -> None:
@@ -175,6 +211,28 @@ def _check_group_choices(overrides: Sequence[Any]) -> Optional[str]:
     return None
 
 
+def _check_output_dir(overrides: Sequence[Any], mode: str) -> Optional[str]:
+    """The run (or sweep) dir must be creatable: its nearest existing ancestor a writable folder."""
+    key = f"hydra.{mode}.dir"
+    given = [str(o.value()) for o in overrides if o.key_or_group == key and not o.is_sweep_override()]
+    path = Path(given[-1] if given else "outputs").expanduser().absolute()
+    ancestor = next(p for p in (path, *path.parents) if p.exists())
+    if not ancestor.is_dir():
+        return f"{key}={path} cannot be created: {ancestor} is a file"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"{key}={path} cannot be created: {ancestor} is not writable"
+    resuming = any(o.key_or_group == "train.resume" and o.value() is not None for o in overrides)
+    found = [name for name in run_dir.RUN_ARTEFACTS if (path / name).exists()]
+    if mode == "run" and found and not resuming:  # checked before Hydra writes its .hydra/ files there
+        return f"{key}={path} already holds a run ({', '.join(found)}); pick a new dir or resume that run"
+    return None
+
+
+# Hydra's own flags: with one of them the command line is Hydra's to check.
+HYDRA_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "--info", "-i", "--shell-completion", "-sc",
+               "-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir", "--resolve", "-p", "--package"}
+
+
 def check_overrides(args: Sequence[str], config_name: str = "config") -> None:
     """Compose every job of a (multi)run command line and validate it; exit with one line on error."""
     from hydra import compose, initialize_config_dir
@@ -183,14 +241,17 @@ def check_overrides(args: Sequence[str], config_name: str = "config") -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     texts = [a for a in args if not a.startswith("-")]
-    try:
-        parsed = OverridesParser.create().parse_overrides(texts)
-    except Exception as error:  # Hydra's OverrideParseException
-        fail(_one_line(error))
-    problem = _check_group_choices(parsed)
+    parser = OverridesParser.create()
+    for text in texts:
+        try:
+            parser.parse_overrides([text])
+        except Exception as error:  # Hydra's OverrideParseException
+            fail(f"cannot parse {text!r}: {_one_line(error)}")
+    parsed = parser.parse_overrides(texts)
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    problem = _check_group_choices(parsed) or _check_output_dir(parsed, "sweep" if multirun else "run")
     if problem:
         fail(problem)
-    multirun = any(a in ("-m", "--multirun") for a in args)
     jobs = BasicSweeper.split_arguments(parsed, None)[0] if multirun else [texts]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

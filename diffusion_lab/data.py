@@ -108,8 +108,11 @@ class _ImageFiles(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         from PIL import Image
 
-        with Image.open(self.files[index]) as im:
-            im = im.convert(self.mode)
+        try:
+            with Image.open(self.files[index]) as im:
+                im = im.convert(self.mode)
+        except (OSError, ValueError) as error:  # not an image, truncated, unreadable
+            raise DatasetNotFoundError(_one_line(f"cannot read image {self.files[index]}: {error}")) from error
         return self.transform(im)
 
 
@@ -290,7 +293,7 @@ def _derived_seed(*values: int) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
 
 
-_PERM_STREAM, _FLIP_STREAM = 0, 1
+_PERM_STREAM, _FLIP_STREAM, _WORKER_STREAM = 0, 1, 2
 
 
 class _PositionedBatchSampler:
@@ -403,12 +406,15 @@ class ResumableLoader:
         return x
 
     def _start_dataloader(self, epoch: int, index: int) -> Iterator[torch.Tensor]:
+        """A DataLoader from (epoch, index). Its own generator seeds the workers: starting an iterator
+        must not draw from the global torch RNG, which a resume has just restored."""
         loader = DataLoader(
             self.dataset,
             batch_sampler=_PositionedBatchSampler(self, epoch, index),  # type: ignore[arg-type]
             num_workers=self.num_workers,
             collate_fn=_collate_images,
             pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(_derived_seed(self.seed, epoch, index, _WORKER_STREAM)),
         )
         return iter(loader)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -15,11 +16,11 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from .build import resolve_device
-from .config import CONF_DIR, run_command
+from .config import CONF_DIR, HYDRA_FLAGS, check_overrides, run_command
 from .data import save_grid
 from .loggers import log_linked_run
 from .plots import plot_fid_vs_cost
-from .sample import generate, load_trained, make_fid_evaluator
+from .sample import check_steps, generate, load_trained, make_fid_evaluator
 from .samplers import build_sampler, num_evaluations
 
 
@@ -36,13 +37,15 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> List[Dict]:
     """One FID per sampler setting; writes fid_vs_cost.{csv,json,png} and a grid per setting."""
     device = resolve_device(cfg.device)
     trained = load_trained(Path(cfg.checkpoint), device)
+    every = [sampler_settings(entry) for entry in cfg.samplers]
+    for settings in every:
+        check_steps(settings, trained)
     evaluator = make_fid_evaluator(cfg.eval, trained.config, device, cfg.num_samples)
     if not evaluator.enabled:
         raise ValueError(f"FID is disabled: {evaluator.disabled_reason}")
     run_dir.mkdir(parents=True, exist_ok=True)
     rows, label = [], ""
-    for entry in cfg.samplers:
-        settings = sampler_settings(entry)
+    for settings in every:
         name = settings.pop("name")
         sampler = build_sampler(name, **settings)
         started = time.perf_counter()
@@ -74,8 +77,15 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> List[Dict]:
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="evaluate", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     run_command(evaluate, cfg)
+
+
+def main() -> None:
+    """Check every override before Hydra starts (one-line errors), then run."""
+    if not HYDRA_FLAGS.intersection(sys.argv[1:]):
+        check_overrides(sys.argv[1:], config_name="evaluate")
+    hydra_main()
 
 
 if __name__ == "__main__":

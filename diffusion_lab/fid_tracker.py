@@ -2,6 +2,8 @@
 and FID during training (``FIDTracker``)."""
 from __future__ import annotations
 
+import math
+
 from typing import Callable, Dict, Optional
 
 import torch
@@ -83,9 +85,9 @@ class FIDTracker:
         return result
 
     def record(self, step: int, result: FIDResult) -> bool:
-        """Add a value to the history; True when it is the best so far."""
+        """Add a value to the history; True when it is the best so far (NaN or inf never is)."""
         self.history.append((step, result.value))
-        if self.best is None or result.value < self.best:
+        if math.isfinite(result.value) and (self.best is None or result.value < self.best):
             self.best = result.value
             return True
         return False

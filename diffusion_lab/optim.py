@@ -57,12 +57,17 @@ class TrainStep:
         # fp16 needs loss scaling; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
         self.grad_clip = grad_clip
+        self.skipped = False  # whether the last call skipped its update (non-finite loss or gradient)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
         )
 
     def __call__(self, loss_fn: Callable[[], torch.Tensor]) -> Tuple[float, float]:
-        """Run one step; returns (loss, gradient norm before clipping)."""
+        """Run one step; returns (loss, gradient norm before clipping).
+
+        A non-finite loss or gradient skips the update (optimizer, warm-up and EMA stay put, `skipped`
+        is True); with fp16 the gradient scaler lowers its scale.
+        """
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             loss = loss_fn()
@@ -70,12 +75,15 @@ class TrainStep:
         self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.lr_scheduler.step()
-        if self.ema is not None:
-            self.ema.update(self.model)
         loss_value, grad_norm_value = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()  # one sync
+        self.skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm_value))
+        if not self.skipped:
+            self.scaler.step(self.optimizer)
+        self.scaler.update()  # after an inf/NaN gradient this lowers the fp16 scale
+        if not self.skipped:
+            self.lr_scheduler.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
         return loss_value, grad_norm_value
 
     @property

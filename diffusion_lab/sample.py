@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .build import build_dataset, build_model, build_objective, build_sampler, build_schedule, resolve_device
-from .config import CONF_DIR, run_command
+from .config import CONF_DIR, HYDRA_FLAGS, check_overrides, run_command
 from .data import save_grid, to_uint8
 from .fid import FIDEvaluator
 from .fid_tracker import build_evaluator
@@ -58,6 +59,14 @@ def load_trained(path: Path, device: torch.device) -> Trained:
                    tuple(state["image_shape"]), state["step"], {"run": state.get("wandb_run_id"), "group": group})
 
 
+def check_steps(settings: dict, trained: Trained) -> None:
+    """A sampler cannot take more steps than the checkpoint's schedule has timesteps."""
+    steps, T = settings.get("steps"), trained.schedule.num_timesteps
+    if steps is not None and steps > T:
+        raise ValueError(f"sampler.steps={steps} ({settings.get('name')}) must be <= the checkpoint's "
+                         f"schedule.noise_steps={T}")
+
+
 def generate(trained: Trained, sampler: Callable, num_samples: int, batch_size: int, seed: int,
              device: torch.device, progress: bool = True) -> torch.Tensor:
     """num_samples images in [-1, 1] on the CPU, generated batch by batch from seeded noise."""
@@ -80,6 +89,7 @@ def sample(cfg: DictConfig, run_dir: Path) -> dict:
     """Write grid.png, samples.npz (and fid.json) into run_dir; return a summary."""
     device = resolve_device(cfg.device)
     trained = load_trained(Path(cfg.checkpoint), device)
+    check_steps(OmegaConf.to_container(cfg.sampler), trained)
     sampler = build_sampler(cfg)
     images = generate(trained, sampler, cfg.num_samples, cfg.batch_size, cfg.seed, device)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -104,8 +114,15 @@ def sample(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="sample", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     run_command(sample, cfg)
+
+
+def main() -> None:
+    """Check every override before Hydra starts (one-line errors), then run."""
+    if not HYDRA_FLAGS.intersection(sys.argv[1:]):
+        check_overrides(sys.argv[1:], config_name="sample")
+    hydra_main()
 
 
 if __name__ == "__main__":

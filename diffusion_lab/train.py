@@ -6,10 +6,7 @@ which schedule, objective, sampler or model it holds.
 from __future__ import annotations
 
 import json
-import math
 import random
-import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -21,9 +18,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import checkpoint, preemption, run_dir as run_dirs
 from .build import build_components, build_dataset, params, resolve_device
-from .config import CONF_DIR, ConfigError, check_overrides, fail, validate
+from .config import CONF_DIR, HYDRA_FLAGS, ConfigError, check_overrides, error_line, fail, validate
 from .data import DatasetNotFoundError, ResumableLoader, save_grid
 from .ema import EMA
 from .fid_tracker import FIDTracker
@@ -35,30 +32,8 @@ from .registry import SCHEDULES, UnknownChoiceError
 from .samplers import Trajectory, num_evaluations
 
 
-class StopRequest:
-    """First Ctrl-C: finish the current step, checkpoint, exit. Second Ctrl-C: stop at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread (some launchers): keep the default behaviour
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step (Ctrl-C again to abort without a checkpoint)", file=sys.stderr)
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        return False
+class Diverged(RuntimeError):
+    """max_bad_steps consecutive non-finite steps; the message says which checkpoint is kept."""
 
 
 def seed_everything(seed: int) -> None:
@@ -78,10 +53,19 @@ def resume_path(cfg: DictConfig, outputs_root: Path) -> Optional[Path]:
     return Path(str(resume)).expanduser()
 
 
+def diverged_message(bad_steps: int, step: int, kept: Optional[tuple]) -> str:
+    """One true line about a diverged run: how many steps failed and which checkpoint is kept."""
+    where = (f"the last checkpoint is {kept[0]} (step {kept[1]}, finite weights)" if kept
+             else "no checkpoint was written before it")
+    return (f"training diverged: {bad_steps} consecutive steps up to step {step} had a non-finite loss or "
+            f"gradient (their updates were skipped); {where}; lower train.lr or raise train.max_bad_steps")
+
+
 def carry_metrics(previous_run: Path, run_dir: Path, up_to_step: int) -> None:
-    """Copy the earlier run's metrics up to the checkpoint step, so the curve continues seamlessly."""
+    """The earlier run's metrics up to the checkpoint step, so the curve continues without duplicated steps
+    (also when resuming in the same dir, where lines after the checkpoint are dropped)."""
     source = previous_run / "metrics.jsonl"
-    if source.resolve() == (run_dir / "metrics.jsonl").resolve() or not source.is_file():
+    if not source.is_file():
         return
     lines = [line for line in source.read_text().splitlines() if line and json.loads(line)["step"] <= up_to_step]
     (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
@@ -108,12 +92,20 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
     swept: the keys a sweep varies; their `key=value` overrides become W&B tags."""
     validate(cfg)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    source = resume_path(cfg, outputs_root)
+    state = checkpoint.load_for_resume(source, cfg) if source is not None else None
+    if state is not None and state["step"] >= cfg.train.steps:
+        raise ConfigError(f"train.resume={source} already reached step {state['step']} of train.steps="
+                          f"{cfg.train.steps}: raise train.steps to continue it")
+    run_dirs.claim(run_dir, source)
     seed_everything(cfg.seed)
+    t = cfg.train
     try:
+        device = resolve_device(cfg.device)
         dataset = build_dataset(cfg)
         parts = build_components(cfg, device, dataset.image_size, dataset.channels)
+        loader = ResumableLoader(dataset, t.batch_size, cfg.seed, hflip=dataset.hflip,
+                                 num_workers=t.num_workers, device=device)
     except (ValueError, TypeError) as error:  # a builder refused the config: say it in one line
         raise ConfigError(str(error).splitlines()[0]) from error
     model, schedule, objective = parts.model, parts.schedule, parts.objective
@@ -121,27 +113,25 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         model = model.to(memory_format=torch.channels_last)
-    t = cfg.train
     ema = EMA(model, decay=t.ema_decay, warmup=t.ema_warmup)
     optimizer = build_optimizer(model.parameters(), t.optimizer, t.lr, t.betas, t.weight_decay, device)
     step_fn = TrainStep(model, optimizer, device, t.precision, t.grad_clip, t.warmup_steps, ema)
     forward = torch.compile(model) if t.compile else model
-    loader = ResumableLoader(dataset, t.batch_size, cfg.seed, hflip=dataset.hflip,
-                             num_workers=t.num_workers, device=device)
     noise_generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     fid = FIDTracker(cfg.eval, lambda split: dataset if split == "train" else build_dataset(cfg, split), device,
                      seed=cfg.seed)
 
     step, elapsed_before, run_id, loss_history = 0, 0.0, None, []
-    source = resume_path(cfg, outputs_root)
-    if source is not None:
-        state = checkpoint.load(source, map_location=device)
-        model.load_state_dict(state["model"])
-        step_fn.load_state_dict(state["train_step"])
-        loader.load_state_dict(state["data"])
-        noise_generator.set_state(state["rng"]["noise_generator"].cpu())
-        checkpoint.set_rng_states(state["rng"])
-        fid.load_state_dict(state["fid"])
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+            step_fn.load_state_dict(state["train_step"])
+            loader.load_state_dict(state["data"])
+            noise_generator.set_state(state["rng"]["noise_generator"].cpu())
+            checkpoint.set_rng_states(state["rng"])
+            fid.load_state_dict(state["fid"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as error:  # a hand-made or foreign file
+            raise checkpoint.CheckpointError(f"cannot resume from {source}: {error_line(error)}") from error
         step, elapsed_before = state["step"], state["elapsed_s"]
         run_id, loss_history = state.get("wandb_run_id"), state["loss_history"]
         carry_metrics(source.parent.parent, run_dir, step)
@@ -176,7 +166,7 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
         return parts.sampler(ema.module, schedule, objective, x_T.to(device),
                              generator=torch.Generator(device=device).manual_seed(seed))
 
-    def save_state(path: Path) -> None:
+    def save_state(path: Path) -> tuple:
         checkpoint.save(path, {
             "step": step, "model": model.state_dict(), "train_step": step_fn.state_dict(),
             "data": loader.state_dict(), "fid": fid.state_dict(), "loss_history": loss_history,
@@ -185,6 +175,7 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
             "wandb_run_id": logger.run_id, "num_parameters": n_params, "image_shape": parts.image_shape,
             "dataset_name": dataset.name,
         })
+        return path, step
 
     def sample_grid() -> Path:
         path = grid_dir / f"step_{step:07d}.png"
@@ -195,22 +186,28 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
     started = time.perf_counter()
     window = {"loss": 0.0, "grad_norm": 0.0, "n": 0, "seconds": 0.0}  # seconds: training steps only
     first_step, train_seconds = step, 0.0
-    exit_code, grid_path = 0, None
+    grid_path, bad_steps = None, 0
+    kept = (source, step) if source is not None else None  # the newest checkpoint of this run: (path, step)
     try:
-        with StopRequest() as stop, tqdm(total=t.steps, initial=step, desc="train", dynamic_ncols=True,
-                                         disable=None) as bar:
+        with preemption.Preemption() as stop, tqdm(total=t.steps, initial=step, desc="train", dynamic_ncols=True,
+                                        disable=None) as bar:
             while step < t.steps and not stop.requested:
                 step_started = time.perf_counter()
                 loss, grad_norm = step_fn(loss_fn)
                 window["seconds"] += time.perf_counter() - step_started
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss} at step {step + 1}; last good checkpoint kept")
                 step += 1
-                window["loss"] += loss
-                window["grad_norm"] += grad_norm
-                window["n"] += 1
+                bad_steps = bad_steps + 1 if step_fn.skipped else 0
+                if bad_steps:
+                    tqdm.write(f"step {step}: loss {loss}, grad norm {grad_norm}: update skipped "
+                               f"({bad_steps}/{t.max_bad_steps} in a row)")
+                    if bad_steps >= t.max_bad_steps:
+                        raise Diverged(diverged_message(bad_steps, step, kept))
+                else:
+                    window["loss"] += loss
+                    window["grad_norm"] += grad_norm
+                    window["n"] += 1
                 last = step == t.steps
-                if step % t.log_every == 0 or last:
+                if (step % t.log_every == 0 or last) and window["n"]:
                     mean_loss = window["loss"] / window["n"]
                     images_per_s = window["n"] * t.batch_size / window["seconds"]
                     train_seconds += window["seconds"]
@@ -219,6 +216,9 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
                                 "images_per_s": images_per_s, "epoch": step * t.batch_size / len(dataset)}, step)
                     bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{images_per_s:.0f}")
                     window = {"loss": 0.0, "grad_norm": 0.0, "n": 0, "seconds": 0.0}
+                checkpoint_due = (t.checkpoint_every and step % t.checkpoint_every == 0) or last
+                if checkpoint_due:  # before the sample grid and FID, which can fail
+                    kept = save_state(run_dir / "checkpoints" / "last.pt")
                 if (t.sample_every and step % t.sample_every == 0) or last:
                     grid_path = sample_grid()
                 if fid.due(step) or (last and fid.enabled):
@@ -227,12 +227,11 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
                     logger.log({"fid": result.value, "fid_floor": result.floor, **result.scores}, step)
                     if fid.record(step, result):
                         save_state(run_dir / "checkpoints" / "best.pt")
-                if (t.checkpoint_every and step % t.checkpoint_every == 0) or last:
-                    save_state(run_dir / "checkpoints" / "last.pt")
+                    if checkpoint_due:  # again, now holding this step's FID
+                        save_state(run_dir / "checkpoints" / "last.pt")
                 bar.update(1)
             if stop.requested:
-                save_state(run_dir / "checkpoints" / "last.pt")
-                exit_code = 130
+                kept = save_state(run_dir / "checkpoints" / "last.pt")
     except BaseException:
         logger.finish(exit_code=1)
         raise
@@ -252,17 +251,18 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
         "train_images_per_s": (step - first_step) * t.batch_size / (train_seconds + window["seconds"])
         if step > first_step else None,
         "last_grid": str(grid_path) if grid_path else None, "checkpoint": str(run_dir / "checkpoints" / "last.pt"),
-        **fid.summary(), "wandb": logger.info(), "interrupted": exit_code == 130,
+        **fid.summary(), "wandb": logger.info(), "interrupted": stop.requested,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     logger.summarize({k: summary[k] for k in ("final_loss", "best_fid", "final_fid", "fid_floor", "fid_floor_n",
                                               "fid_label", "train_images_per_s", "wall_time_s") if k in summary})
-    if exit_code == 0:
+    if not stop.requested:
         logger.log_checkpoint(run_dir / "checkpoints" / "last.pt")
-    logger.finish(exit_code=exit_code)
-    if exit_code:
-        print(f"interrupted at step {step}; continue with train.resume={run_dir / 'checkpoints' / 'last.pt'}")
-        sys.exit(exit_code)
+    logger.finish(exit_code=preemption.exit_code(stop.signum) if stop.requested else 0)
+    if stop.requested:
+        print(f"stopped by {stop.name} at step {step}: wrote {kept[0]}; continue with train.resume=auto "
+              f"or train.resume={kept[0]}")
+        stop.exit()
     print(f"done: {step} steps in {wall:.0f}s, final loss {summary['final_loss']:.4f}, run dir {run_dir}")
     return summary
 
@@ -281,12 +281,10 @@ def hydra_main(cfg: DictConfig) -> None:
     try:
         train(cfg, Path(hc.runtime.output_dir), group=group, overrides=hc.overrides.task,
               outputs_root=Path(hc.runtime.cwd) / "outputs", swept=swept)
-    except (ConfigError, UnknownChoiceError, DatasetNotFoundError) as error:
-        fail(str(error))
-
-
-HYDRA_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "--info", "-i", "--shell-completion", "-sc",
-               "-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir", "--resolve", "-p", "--package"}
+    except (ConfigError, UnknownChoiceError, DatasetNotFoundError, OSError) as error:
+        fail(error_line(error))
+    except Diverged as error:
+        fail(str(error), code=3)
 
 
 def main() -> None:

@@ -103,3 +103,37 @@ def read_wandb_records(path: Path) -> list:
             record.ParseFromString(pending)
             records.append(record)
     return records
+
+
+def run_main(module: str, args: List[str], cwd: Path, capsys) -> tuple:
+    """Run `python -m module args` in this process (Hydra included); returns (exit code, stdout, stderr)."""
+    import importlib
+
+    main = importlib.import_module(module).main
+    old_argv, old_cwd = sys.argv, os.getcwd()
+    sys.argv, code = [module, *args], 0
+    os.chdir(cwd)
+    capsys.readouterr()
+    try:
+        main()
+    except SystemExit as exit:
+        code = exit.code
+    finally:
+        sys.argv = old_argv
+        os.chdir(old_cwd)
+        GlobalHydra.instance().clear()
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def write_malicious_checkpoint(path: Path, marker: Path) -> Path:
+    """A .pt whose pickle would create `marker` if it were loaded with code execution."""
+    import torch
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"step": 1, "model": Payload(), "train_step": {}, "config": {}, "image_shape": (1, 8, 8)}, path)
+    return path

@@ -1,0 +1,38 @@
+"""One run, one directory: unique run and sweep dir names, and a run dir is never reused except to resume.
+
+`conf/*.yaml` name run dirs `outputs/DATE/TIME-${uid:}`: `uid` is a short random suffix (4 hex
+digits, 65,536 values) drawn once per config, so two runs started in the same second get different
+dirs and names still sort by start time. Hydra copies the resolver cache from a sweep's config to
+each of its jobs, so all jobs of a sweep share one sweep dir.
+"""
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+
+# What a run writes into its dir (Hydra's own `.hydra/` and log file are written before any run starts).
+RUN_ARTEFACTS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints")
+
+OmegaConf.register_new_resolver("uid", lambda: secrets.token_hex(2), use_cache=True, replace=True)
+
+
+def claim(run_dir: Path, resume_from: Optional[Path] = None) -> None:
+    """Create `run_dir`; refuse one that already holds a run, unless that run is the one being resumed."""
+    from .config import ConfigError
+
+    run_dir = Path(run_dir)
+    found = [name for name in RUN_ARTEFACTS if (run_dir / name).exists()]
+    resuming_here = resume_from is not None and Path(resume_from).resolve().parent.parent == run_dir.resolve()
+    if found and not resuming_here:
+        raise ConfigError(f"run dir {run_dir} already holds a run ({', '.join(found)}); pick a new hydra.run.dir "
+                          f"or continue that run with train.resume={run_dir / 'checkpoints' / 'last.pt'}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"run dir {run_dir} is not writable: {error.strerror or error}") from error

@@ -1,0 +1,134 @@
+"""Every bad input to the real commands ends with one line `error: ...`, exit code 2, no traceback, and
+leaves every existing file as it was. The commands run in this process (Hydra included) to stay cheap."""
+import re
+
+import pytest
+import torch
+
+from diffusion_lab import checkpoint
+from diffusion_lab.train import train
+from tests.helpers import TINY, compose_config, run_main, write_malicious_checkpoint, write_tiny_cifar
+
+FAST = [o for o in TINY if not o.startswith(("train.steps", "eval."))] + ["eval.every=0", "logger=none",
+                                                                          "train.steps=2"]
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; on a busy machine torch's spinning threads cost 30x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Checkpoints good and bad, image folders good and bad, and a finished run dir."""
+    root = tmp_path_factory.mktemp("inputs")
+    run = root / "run"
+    train(compose_config(FAST), run)
+    good = run / "checkpoints" / "last.pt"
+    state = checkpoint.load(good)
+    f = {"root": root, "run": run, "good": good, "missing": root / "nope.pt", "empty": root / "empty.pt",
+         "text": root / "text.pt", "truncated": root / "truncated.pt", "foreign": root / "foreign.pt",
+         "nan": root / "nan.pt", "evil": write_malicious_checkpoint(root / "evil.pt", root / "MARKER"),
+         "file": root / "a_file", "no_images": root / "no_images", "not_image": root / "not_image",
+         "no_cifar": root / "no_cifar", "cifar": root / "cifar"}
+    f["empty"].write_bytes(b"")
+    f["text"].write_text("hello")
+    f["truncated"].write_bytes(good.read_bytes()[:4000])
+    f["file"].write_text("x")
+    torch.save({"weights": torch.zeros(3)}, f["foreign"])
+    next(iter(state["model"].values())).fill_(float("nan"))
+    checkpoint.save(f["nan"], state)
+    f["no_images"].mkdir()
+    (f["no_images"] / "readme.txt").write_text("no images here")
+    f["not_image"].mkdir()
+    for i in range(20):
+        (f["not_image"] / f"{i}.png").write_bytes(b"this is not a png")
+    f["no_cifar"].mkdir()
+    write_tiny_cifar(f["cifar"], per_batch=2)
+    return f
+
+
+TRAIN = "diffusion_lab.train"
+SAMPLE = "diffusion_lab.sample"
+EVALUATE = "diffusion_lab.evaluate"
+CASES = [  # (command, arguments with {name} filled from `files`, a piece of the expected line)
+    (TRAIN, ["schedule=cosin"], "unknown schedule 'cosin'"),
+    (TRAIN, ["model=unet9"], "unknown model 'unet9'"),
+    (TRAIN, ["objective=eps2"], "unknown objective 'eps2'"),
+    (TRAIN, ["sampler=nope"], "unknown sampler 'nope'"),
+    (TRAIN, ["model.dropot=0.1"], "dropot"),
+    (TRAIN, ["train.steps=abc"], "train.steps"),
+    (TRAIN, ["train.steps=[1"], "cannot parse 'train.steps=[1'"),
+    (TRAIN, ["train.lr=-1"], "train.lr=-1 must be > 0"),
+    (TRAIN, ["train.batch_size=0"], "train.batch_size=0 must be > 0"),
+    (TRAIN, ["model.dropout=1.5"], "model.dropout=1.5 must be in [0, 1)"),
+    (TRAIN, ["data.image_size=7"], "image_size"),
+    (TRAIN, ["train.betas=[0.9]"], "train.betas"),
+    (TRAIN, ["train.max_bad_steps=0"], "train.max_bad_steps=0 must be > 0"),
+    (TRAIN, ["sampler.steps=5000"], "sampler.steps=5000 must be <= schedule.noise_steps=1000"),
+    (TRAIN, ["schedule.noise_steps=1"], "schedule.noise_steps=1 must be >= 2"),
+    (TRAIN, ["device=gpu0"], "device='gpu0' must be"),
+    (TRAIN, ["device=cuda:7"], "device='cuda:7' is not available"),
+    (TRAIN, ["train.batch_size=5000"], "fewer than batch_size=5000"),
+    (TRAIN, ["data=folder"], "data.root is required"),
+    (TRAIN, ["data=folder", "data.root={missing}"], "image folder not found"),
+    (TRAIN, ["data=folder", "data.root={no_images}"], "no images"),
+    (TRAIN, ["data=folder", "data.root={not_image}", "data.image_size=8", "train.batch_size=4"], "cannot read image"),
+    (TRAIN, ["data=cifar10", "data.download=false", "data.root={no_cifar}"], "CIFAR-10 not found"),
+    (TRAIN, ["data=cifar10", "data.download=false", "data.root={cifar}", "data.verify_checksums=false", "data.image_size=8",
+             "train.batch_size=64"], "fewer than batch_size=64"),
+    (TRAIN, ["train.resume={missing}"], "must be auto or an existing checkpoint file"),
+    (TRAIN, ["train.resume={empty}"], "cannot read checkpoint"),
+    (TRAIN, ["train.resume={text}"], "cannot read checkpoint"),
+    (TRAIN, ["train.resume={truncated}"], "cannot read checkpoint"),
+    (TRAIN, ["train.resume={foreign}"], "is not a diffusion_lab checkpoint"),
+    (TRAIN, ["train.resume={evil}"], "refusing to load"),
+    (TRAIN, ["train.resume={nan}"], "non-finite"),
+    (TRAIN, ["train.resume={good}", "model.hidden_dims=[16,16]"], "model.hidden_dims: [16, 32] -> [16, 16]"),
+    (TRAIN, ["train.resume={good}", "schedule=cosine"], "schedule.name: linear -> cosine"),
+    (TRAIN, ["train.resume={good}", "logger=wandb"], "already reached step 2 of train.steps=2"),
+    (TRAIN, ["hydra.run.dir={file}/run"], "is a file"),
+    (TRAIN, ["hydra.run.dir={run}"], "already holds a run"),
+    (SAMPLE, [], "checkpoint is required"),
+    (SAMPLE, ["checkpoint={missing}"], "no checkpoint at"),
+    (SAMPLE, ["checkpoint={evil}"], "refusing to load"),
+    (SAMPLE, ["checkpoint={truncated}"], "cannot read checkpoint"),
+    (SAMPLE, ["checkpoint={good}", "num_samples=0"], "num_samples=0 must be > 0"),
+    (SAMPLE, ["checkpoint={good}", "sampler=nope"], "unknown sampler 'nope'"),
+    (SAMPLE, ["checkpoint={good}", "sampler.steps=5000"], "sampler.steps=5000"),
+    (SAMPLE, ["checkpoint={good}", "device=cuda:7"], "not available"),
+    (EVALUATE, ["checkpoint={foreign}"], "is not a diffusion_lab checkpoint"),
+    (EVALUATE, ["checkpoint={evil}"], "refusing to load"),
+    (EVALUATE, ["checkpoint={good}", "num_samples=-1"], "num_samples=-1 must be > 0"),
+    (EVALUATE, ["checkpoint={good}", "samplers=[{name:nope}]", "eval.feature_extractor=small"], "unknown sampler"),
+    (EVALUATE, ["checkpoint={good}", "samplers=[{name:ddim,steps:5000}]", "eval.feature_extractor=small"],
+     "steps=5000"),
+]
+
+
+def _snapshot(root):
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command,args,needle", CASES,
+                         ids=[f"{c.split('.')[-1]}:{' '.join(a) or 'no-args'}" for c, a, _ in CASES])
+def test_bad_input_is_one_line_exit_2(files, tmp_path, capsys, monkeypatch, command, args, needle):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    before = _snapshot(files["root"])
+    extra = FAST if command == TRAIN else []
+    args = [re.sub(r"\{(\w+)\}", lambda m: str(files.get(m.group(1), m.group(0))), a) for a in args]
+    code, _, err = run_main(command, [*extra, *args], tmp_path, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err[-3000:]
+    assert needle in lines[0], lines[0]
+    assert _snapshot(files["root"]) == before, "an existing file was changed"
+    assert not (files["root"] / "MARKER").exists()
+
+
+def test_the_table_covers_at_least_30_cases():
+    assert len(CASES) >= 30 and len({(c, tuple(a)) for c, a, _ in CASES}) == len(CASES)
