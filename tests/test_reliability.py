@@ -22,7 +22,8 @@ from omegaconf import OmegaConf
 from diffusion_lab import checkpoint, train as train_module
 from diffusion_lab.checkpoint import CheckpointError
 from diffusion_lab.config import ConfigError
-from diffusion_lab.fid import FIDResult, FIDTracker
+from diffusion_lab.fid import FIDResult
+from diffusion_lab.fid_tracker import FIDTracker
 from diffusion_lab.optim import TrainStep, build_optimizer
 from diffusion_lab.plots import read_metrics
 from diffusion_lab.train import train
@@ -309,8 +310,8 @@ def test_resume_refuses_non_finite_weights(finished_run, tmp_path):
 
 
 def test_nan_fid_never_becomes_the_best():
-    tracker = FIDTracker(OmegaConf.create({"every": 0, "num_samples": 1}),
-                         type("D", (), {"channels": 1, "image_size": 8})(), "cpu")
+    images = type("D", (), {"channels": 1, "image_size": 8})()
+    tracker = FIDTracker(OmegaConf.create({"every": 0, "num_samples": 1}), lambda split: images, "cpu")
     result = lambda v: FIDResult(v, "clean", "small", 10, "ref")  # noqa: E731
     assert not tracker.record(1, result(float("nan")))
     assert tracker.record(2, result(5.0)) and not tracker.record(3, result(float("nan")))
