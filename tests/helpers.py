@@ -1,6 +1,7 @@
 """Config composition and CLI helpers shared by the end-to-end tests."""
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import subprocess
@@ -110,7 +111,7 @@ def run_main(module: str, args: List[str], cwd: Path, capsys) -> tuple:
     import importlib
 
     main = importlib.import_module(module).main
-    old_argv, old_cwd = sys.argv, os.getcwd()
+    old_argv, old_cwd, old_logging = sys.argv, os.getcwd(), _logging_state()
     sys.argv, code = [module, *args], 0
     os.chdir(cwd)
     capsys.readouterr()
@@ -122,8 +123,21 @@ def run_main(module: str, args: List[str], cwd: Path, capsys) -> tuple:
         sys.argv = old_argv
         os.chdir(old_cwd)
         GlobalHydra.instance().clear()
+        _restore_logging(old_logging)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def _logging_state() -> dict:
+    loggers = [logging.getLogger()] + [v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger)]
+    return {logger: (list(logger.handlers), logger.level) for logger in loggers}
+
+
+def _restore_logging(state: dict) -> None:
+    """Undo Hydra's in-process logging setup: its handlers hold pytest's capture streams, closed after the test."""
+    for logger in [logging.getLogger()] + [v for v in logging.Logger.manager.loggerDict.values()
+                                           if isinstance(v, logging.Logger)]:
+        logger.handlers[:], logger.level = state.get(logger, ([], logging.NOTSET))
 
 
 def write_malicious_checkpoint(path: Path, marker: Path) -> Path:
