@@ -8,7 +8,7 @@ Every sampler has the same call::
 ``model(x_t, t)`` is any callable (t: LongTensor [B] of integer timesteps); the objective turns its
 prediction into (x0_pred, eps_pred), so samplers never care how the model was parameterised.
 ``grid`` picks the timesteps (``grids.py``: a registered name, ``{name: ..., **options}``, or a list).
-DDIM evaluates every grid point and then steps to clean data; the ODE/SDE solvers end at sigma = 0, so
+DDIM and pc evaluate every grid point and then step to clean data; the other solvers end at sigma = 0, so
 they never evaluate at t = 0: a grid ending there is redrawn with one more point and t = 0 dropped
 (diffusers' ``final_sigmas_type="zero"``), keeping ``steps`` points.
 ``callback(i, t, x_t, x0_pred)`` runs after every model evaluation (see ``Trajectory``).
@@ -315,10 +315,13 @@ def pc(model, schedule, objective, x_T, *, steps=20, grid="linspace", snr=0.16, 
     and step e = 2 (alpha_bar / alpha_bar_next) (snr ||z|| / ||g||)^2 (norms averaged over the batch, as in the
     paper's code), then the ancestral predictor
     (DDIM eta = 1) to the next point; to sigma = 0 the predictor returns x0_pred. 2 * steps model evaluations.
+    Like the reference (which runs to t = eps and returns the last predictor mean) it evaluates every grid point,
+    t = 0 included: ending at t = T/S instead makes the last step a jump to the posterior mean, too narrow, and
+    its error grew with NFE (cosine lab: spread error 0.16 at 20 NFE, 0.34 at 50).
     """
     if snr < 0:
         raise ValueError(f"pc snr must be >= 0, got {snr}")
-    ts = _grid_to_zero(schedule, grid, steps) + [CLEAN]
+    ts = grids.resolve(grid, schedule, steps).tolist() + [CLEAN]
     p, x_t = _Points(schedule), x_T
     for i, t in enumerate(tqdm(ts[:-1], disable=not progress)):
         _, eps_pred = _evaluate(model, schedule, objective, x_t, 2 * i, t, clip_x0, callback)
@@ -334,7 +337,7 @@ def pc(model, schedule, objective, x_T, *, steps=20, grid="linspace", snr=0.16, 
 
 # Model evaluations per sampling run as a function of `steps` (default: one per step).
 _EVALUATIONS = {"heun": lambda steps: 2 * steps - 1, "pc": lambda steps: 2 * steps}
-_TO_ZERO = ("dpm_solver", "dpm_solver_3m", "heun", "euler_ancestral", "pc")  # samplers that use _grid_to_zero
+_TO_ZERO = ("dpm_solver", "dpm_solver_3m", "heun", "euler_ancestral")  # samplers that use _grid_to_zero
 
 
 def _options(fn: Callable) -> Dict[str, inspect.Parameter]:
