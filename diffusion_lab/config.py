@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import run_dir  # noqa: F401  (registers the ${uid:} resolver of the run dir names)
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped inside the package (a wheel holds it too)
 
 
 class ConfigError(ValueError):

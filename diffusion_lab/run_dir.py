@@ -1,6 +1,6 @@
 """One run, one directory: unique run and sweep dir names, and a run dir is never reused except to resume.
 
-`conf/*.yaml` name run dirs `outputs/DATE/TIME-${uid:}`: `uid` is a short random suffix (4 hex
+`diffusion_lab/conf/*.yaml` name run dirs `outputs/DATE/TIME-${uid:}`: `uid` is a short random suffix (4 hex
 digits, 65,536 values) drawn once per config, so two runs started in the same second get different
 dirs and names still sort by start time. Hydra copies the resolver cache from a sweep's config to
 each of its jobs, so all jobs of a sweep share one sweep dir.
