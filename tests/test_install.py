@@ -57,3 +57,28 @@ def test_wheel_help_has_no_traceback(installed, tmp_path, module):
     result = run_installed(installed, ["-m", module, "--help"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "Powered by Hydra" in result.stdout
+
+
+def complete(target: Path, script: str, line: str, cwd: Path) -> list:
+    """What bash completion offers for `line`: Hydra's completion script runs `script -sc query=bash`
+    with COMP_LINE set and offers the words it prints."""
+    env = {**os.environ, "PYTHONPATH": str(target), "COMP_LINE": line, "COMP_POINT": str(len(line))}
+    result = subprocess.run([str(target / "bin" / script), "-sc", "query=bash"], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.split()
+
+
+@pytest.mark.slow
+def test_console_scripts_complete_config_groups(installed, tmp_path):
+    for script in ("diffusion-lab-train", "diffusion-lab-sample", "diffusion-lab-evaluate",
+                   "diffusion-lab-compare", "diffusion-lab-sampler-lab", "diffusion-lab-metric-check"):
+        assert (installed / "bin" / script).is_file(), script
+    assert sorted(complete(installed, "diffusion-lab-train", "diffusion-lab-train schedule=", tmp_path)) == [
+        "schedule=cosine", "schedule=linear"]
+    assert "objective=" in complete(installed, "diffusion-lab-train", "diffusion-lab-train schedule=cosine obj",
+                                    tmp_path)
+    assert "sampler=heun" in complete(installed, "diffusion-lab-sample", "diffusion-lab-sample sampler=h", tmp_path)
+    help_text = subprocess.run([str(installed / "bin" / "diffusion-lab-compare"), "--help"], capture_output=True,
+                               text=True, env={**os.environ, "PYTHONPATH": str(installed)}, timeout=120)
+    assert help_text.returncode == 0 and "usage" in help_text.stdout
