@@ -158,8 +158,8 @@ def validate(cfg: DictConfig) -> None:
     if betas is not None and not (len(betas) == 2 and all(0 <= b < 1 for b in betas)):
         raise ConfigError(f"train.betas={list(betas)} must be two values in [0, 1)")
     resume = OmegaConf.select(cfg, "train.resume", default=None)
-    if resume not in (None, "auto") and not Path(str(resume)).expanduser().is_file():
-        raise ConfigError(f"train.resume={resume!r} must be auto or an existing checkpoint file")
+    if resume not in (None, "auto") and not run_dir.checkpoint_file(Path(str(resume))).is_file():
+        raise ConfigError(f"train.resume={resume!r} must be auto, an existing checkpoint file or a run dir with one")
     _check_sampler_fits_schedule(cfg)
     _check_sampling(cfg)
 

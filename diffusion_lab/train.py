@@ -50,7 +50,7 @@ def resume_path(cfg: DictConfig, outputs_root: Path) -> Optional[Path]:
         found = checkpoint.find_resumable(cfg, [outputs_root])
         print(f"resume=auto: {'continuing ' + str(found) if found else 'no matching run found; starting fresh'}")
         return found
-    return Path(str(resume)).expanduser()
+    return run_dirs.checkpoint_file(Path(str(resume)))
 
 
 def diverged_message(bad_steps: int, step: int, kept: Optional[tuple]) -> str:
