@@ -22,7 +22,8 @@ from omegaconf import OmegaConf
 from diffusion_lab import checkpoint, train as train_module
 from diffusion_lab.checkpoint import CheckpointError
 from diffusion_lab.config import CONF_DIR, ConfigError
-from diffusion_lab.fid import FIDResult, FIDTracker
+from diffusion_lab.fid import FIDResult
+from diffusion_lab.fid_tracker import FIDTracker
 from diffusion_lab.optim import TrainStep, build_optimizer
 from diffusion_lab.plots import read_metrics
 from diffusion_lab.train import train
