@@ -198,6 +198,8 @@ def test_sweep_job_dir_passes_back_unquoted(tmp_path):
     ("data.image_size=6", "image_size"),
     ("model.dropot=0.1", "dropot"),
     ("data=folder", "data.root is required"),
+    ("+experiment=ddpm_cifar10", "use experiment=ddpm_cifar10 (no +)"),
+    ("+train.stpes=5", "no part of diffusion_lab reads train.stpes; did you mean train.steps?"),
 ])
 def test_cli_bad_override_fails_in_one_line(tmp_path, override, needle):
     result = run_cli("diffusion_lab.train", override.split() + ["logger=none"], cwd=tmp_path, timeout=120)
