@@ -269,7 +269,8 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-def hydra_main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> Optional[float]:
+    """Train one run; returns its objective for an optimising sweeper: best FID, else the final loss."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -280,12 +281,13 @@ def hydra_main(cfg: DictConfig) -> None:
         swept = swept_keys(sweep)
         group = sweep_group(swept, sweep)
     try:
-        train(cfg, Path(hc.runtime.output_dir), group=group, overrides=hc.overrides.task,
+        summary = train(cfg, Path(hc.runtime.output_dir), group=group, overrides=hc.overrides.task,
               outputs_root=Path(hc.runtime.cwd) / "outputs", swept=swept)
     except (ConfigError, UnknownChoiceError, DatasetNotFoundError, OSError) as error:
         fail(error_line(error))
     except Diverged as error:
         fail(str(error), code=3)
+    return summary.get("best_fid") if summary.get("best_fid") is not None else summary["final_loss"]
 
 
 def main() -> None:
