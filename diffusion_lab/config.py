@@ -6,6 +6,7 @@ types and ranges of the composed values.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import sys
@@ -16,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import run_dir  # noqa: F401  (registers the ${uid:} resolver of the run dir names)
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped inside the package (a wheel holds it too)
 
 
 class ConfigError(ValueError):
@@ -158,8 +159,8 @@ def validate(cfg: DictConfig) -> None:
     if betas is not None and not (len(betas) == 2 and all(0 <= b < 1 for b in betas)):
         raise ConfigError(f"train.betas={list(betas)} must be two values in [0, 1)")
     resume = OmegaConf.select(cfg, "train.resume", default=None)
-    if resume not in (None, "auto") and not Path(str(resume)).expanduser().is_file():
-        raise ConfigError(f"train.resume={resume!r} must be auto or an existing checkpoint file")
+    if resume not in (None, "auto") and not run_dir.checkpoint_file(Path(str(resume))).is_file():
+        raise ConfigError(f"train.resume={resume!r} must be auto, an existing checkpoint file or a run dir with one")
     _check_sampler_fits_schedule(cfg)
     _check_sampling(cfg)
 
@@ -228,6 +229,32 @@ def _check_output_dir(overrides: Sequence[Any], mode: str) -> Optional[str]:
     return None
 
 
+def _check_added_group(overrides: Sequence[Any]) -> Optional[str]:
+    """`+experiment=x` adds a second experiment entry; the defaults list already has one to choose."""
+    for override in overrides:
+        if override.is_add() and "." not in override.key_or_group and (CONF_DIR / override.key_or_group).is_dir():
+            group = override.key_or_group
+            return f"+{group}={override.get_value_element_as_str()}: the {group} group is in the defaults list " \
+                   f"already; use {group}={override.get_value_element_as_str()} (no +)"
+    return None
+
+
+def check_added_keys(cfg: DictConfig, overrides: Sequence[Any]) -> None:
+    """A `+key=value` must land in a component (a section with a `name`, whose keys all go to its builder,
+    which refuses unknown ones); elsewhere (train, eval, top level) nothing would read it."""
+    for override in overrides:
+        key = override.key_or_group
+        if not override.is_add() or key.startswith("hydra") or (CONF_DIR / key).is_dir():
+            continue
+        parent_key, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+        if isinstance(parent, DictConfig) and "name" not in parent:
+            known = [k for k in parent.keys() if k != leaf]
+            close = difflib.get_close_matches(leaf, known, n=1)
+            hint = f"; did you mean {parent_key + '.' if parent_key else ''}{close[0]}?" if close else ""
+            raise ConfigError(f"+{key}: no part of diffusion_lab reads {key}{hint}")
+
+
 # Hydra's own flags: with one of them the command line is Hydra's to check.
 HYDRA_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "--info", "-i", "--shell-completion", "-sc",
                "-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir", "--resolve", "-p", "--package"}
@@ -249,7 +276,7 @@ def check_overrides(args: Sequence[str], config_name: str = "config") -> None:
             fail(f"cannot parse {text!r}: {_one_line(error)}")
     parsed = parser.parse_overrides(texts)
     multirun = any(a in ("-m", "--multirun") for a in args)
-    problem = _check_group_choices(parsed) or _check_output_dir(parsed, "sweep" if multirun else "run")
+    problem = _check_added_group(parsed) or _check_group_choices(parsed) or _check_output_dir(parsed, "sweep" if multirun else "run")
     if problem:
         fail(problem)
     jobs = BasicSweeper.split_arguments(parsed, None)[0] if multirun else [texts]
@@ -259,6 +286,7 @@ def check_overrides(args: Sequence[str], config_name: str = "config") -> None:
             job = [o for o in job if not o.lstrip("+~").startswith("hydra")]
             try:
                 cfg = compose(config_name=config_name, overrides=job)
+                check_added_keys(cfg, parser.parse_overrides(job))
                 validate(cfg)
             except Exception as error:
                 fail(_one_line(error))

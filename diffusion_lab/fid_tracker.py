@@ -2,6 +2,7 @@
 and FID during training (``FIDTracker``)."""
 from __future__ import annotations
 
+import logging
 import math
 
 from typing import Callable, Dict, Optional
@@ -10,6 +11,8 @@ import torch
 
 from .features import digits_classifier
 from .fid import FIDEvaluator, FIDResult
+
+log = logging.getLogger(__name__)
 
 
 def build_evaluator(eval_cfg, datasets: Callable[[str], torch.utils.data.Dataset], device, num_samples: int,
@@ -59,8 +62,8 @@ class FIDTracker:
             with torch.random.fork_rng(devices=[]):  # the floor's subset and clean-fid's dummy z leave training alone
                 self.evaluator = build_evaluator(eval_cfg, datasets, device, self.num_samples, progress=False)
             if self.evaluator.enabled:
-                print(f"FID reference: {self.evaluator.reference}; floor {self.evaluator.floor:.4f} "
-                      f"(FID of {self.evaluator.floor_n} real training images, {self.evaluator.extractor_label})")
+                log.info(f"FID reference: {self.evaluator.reference}; floor {self.evaluator.floor:.4f} "
+                         f"(FID of {self.evaluator.floor_n} real training images, {self.evaluator.extractor_label})")
 
     @property
     def enabled(self) -> bool:

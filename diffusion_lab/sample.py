@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import checkpoint, run_dir as run_dirs
 from .build import build_dataset, build_model, build_objective, build_sampler, build_schedule, resolve_device
 from .config import CONF_DIR, HYDRA_FLAGS, check_overrides, run_command
 from .data import save_grid, to_uint8
@@ -44,7 +44,7 @@ class Trained:
 
 
 def load_trained(path: Path, device: torch.device) -> Trained:
-    path = Path(path).expanduser()
+    path = run_dirs.checkpoint_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     state = checkpoint.load(path, map_location=device)

@@ -16,9 +16,8 @@ import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
-from . import checkpoint, preemption, run_dir as run_dirs
+from . import checkpoint, preemption, progress, run_dir as run_dirs
 from .build import build_components, build_dataset, params, resolve_device
 from .config import CONF_DIR, HYDRA_FLAGS, ConfigError, check_overrides, error_line, fail, validate
 from .data import DatasetNotFoundError, ResumableLoader, save_grid
@@ -30,6 +29,8 @@ from .optim import TrainStep, build_optimizer
 from .plots import denoising_trajectory, forward_diffusion, plot_curves, plot_loss
 from .registry import SCHEDULES, UnknownChoiceError
 from .samplers import Trajectory, num_evaluations
+
+log = progress.log
 
 
 class Diverged(RuntimeError):
@@ -50,7 +51,7 @@ def resume_path(cfg: DictConfig, outputs_root: Path) -> Optional[Path]:
         found = checkpoint.find_resumable(cfg, [outputs_root])
         print(f"resume=auto: {'continuing ' + str(found) if found else 'no matching run found; starting fresh'}")
         return found
-    return Path(str(resume)).expanduser()
+    return run_dirs.checkpoint_file(Path(str(resume)))
 
 
 def diverged_message(bad_steps: int, step: int, kept: Optional[tuple]) -> str:
@@ -98,6 +99,7 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
         raise ConfigError(f"train.resume={source} already reached step {state['step']} of train.steps="
                           f"{cfg.train.steps}: raise train.steps to continue it")
     run_dirs.claim(run_dir, source)
+    progress.log_to(run_dir)
     seed_everything(cfg.seed)
     t = cfg.train
     try:
@@ -135,7 +137,7 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
         step, elapsed_before = state["step"], state["elapsed_s"]
         run_id, loss_history = state.get("wandb_run_id"), state["loss_history"]
         carry_metrics(source.parent.parent, run_dir, step)
-        print(f"resumed from {source} at step {step}")
+        log.info(f"resumed from {source} at step {step}")
 
     config = OmegaConf.to_container(cfg, resolve=True)
     OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
@@ -147,7 +149,7 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
                            run_id=run_id, job_type="train", **logger_params)
     n_params = count_parameters(model)
     c, h, w = parts.image_shape
-    print(f"diffusion_lab | device {device} | model {cfg.model.name} {n_params / 1e6:.2f}M params | "
+    log.info(f"diffusion_lab | device {device} | model {cfg.model.name} {n_params / 1e6:.2f}M params | "
           f"data {cfg.data.name} {len(dataset)} images {c}x{h}x{w} | run dir {run_dir}")
 
     grid_noise = torch.randn((t.num_grid_samples, c, h, w), generator=torch.Generator().manual_seed(cfg.seed))
@@ -189,8 +191,7 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
     grid_path, bad_steps = None, 0
     kept = (source, step) if source is not None else None  # the newest checkpoint of this run: (path, step)
     try:
-        with preemption.Preemption() as stop, tqdm(total=t.steps, initial=step, desc="train", dynamic_ncols=True,
-                                        disable=None) as bar:
+        with preemption.Preemption() as stop, progress.Progress(t.steps, step) as bar:
             while step < t.steps and not stop.requested:
                 step_started = time.perf_counter()
                 loss, grad_norm = step_fn(loss_fn)
@@ -198,7 +199,7 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
                 step += 1
                 bad_steps = bad_steps + 1 if step_fn.skipped else 0
                 if bad_steps:
-                    tqdm.write(f"step {step}: loss {loss}, grad norm {grad_norm}: update skipped "
+                    log.warning(f"step {step}: loss {loss}, grad norm {grad_norm}: update skipped "
                                f"({bad_steps}/{t.max_bad_steps} in a row)")
                     if bad_steps >= t.max_bad_steps:
                         raise Diverged(diverged_message(bad_steps, step, kept))
@@ -214,7 +215,7 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
                     loss_history.append((step, mean_loss))
                     logger.log({"loss": mean_loss, "lr": step_fn.lr, "grad_norm": window["grad_norm"] / window["n"],
                                 "images_per_s": images_per_s, "epoch": step * t.batch_size / len(dataset)}, step)
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{images_per_s:.0f}")
+                    bar.report(step, mean_loss, step_fn.lr, images_per_s)
                     window = {"loss": 0.0, "grad_norm": 0.0, "n": 0, "seconds": 0.0}
                 checkpoint_due = (t.checkpoint_every and step % t.checkpoint_every == 0) or last
                 if checkpoint_due:  # before the sample grid and FID, which can fail
@@ -223,13 +224,13 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
                     grid_path = sample_grid()
                 if fid.due(step) or (last and fid.enabled):
                     result = fid.evaluate(generate)
-                    tqdm.write(f"step {step}: {result}")
+                    log.info(f"step {step}: {result}")
                     logger.log({"fid": result.value, "fid_floor": result.floor, **result.scores}, step)
                     if fid.record(step, result):
                         save_state(run_dir / "checkpoints" / "best.pt")
                     if checkpoint_due:  # again, now holding this step's FID
                         save_state(run_dir / "checkpoints" / "last.pt")
-                bar.update(1)
+                bar.update()
             if stop.requested:
                 kept = save_state(run_dir / "checkpoints" / "last.pt")
     except BaseException:
@@ -260,15 +261,16 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
         logger.log_checkpoint(run_dir / "checkpoints" / "last.pt")
     logger.finish(exit_code=preemption.exit_code(stop.signum) if stop.requested else 0)
     if stop.requested:
-        print(f"stopped by {stop.name} at step {step}: wrote {kept[0]}; continue with train.resume=auto "
+        log.info(f"stopped by {stop.name} at step {step}: wrote {kept[0]}; continue with train.resume=auto "
               f"or train.resume={kept[0]}")
         stop.exit()
-    print(f"done: {step} steps in {wall:.0f}s, final loss {summary['final_loss']:.4f}, run dir {run_dir}")
+    log.info(f"done: {step} steps in {wall:.0f}s, final loss {summary['final_loss']:.4f}, run dir {run_dir}")
     return summary
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-def hydra_main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> Optional[float]:
+    """Train one run; returns its objective for an optimising sweeper: best FID, else the final loss."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -279,12 +281,13 @@ def hydra_main(cfg: DictConfig) -> None:
         swept = swept_keys(sweep)
         group = sweep_group(swept, sweep)
     try:
-        train(cfg, Path(hc.runtime.output_dir), group=group, overrides=hc.overrides.task,
+        summary = train(cfg, Path(hc.runtime.output_dir), group=group, overrides=hc.overrides.task,
               outputs_root=Path(hc.runtime.cwd) / "outputs", swept=swept)
     except (ConfigError, UnknownChoiceError, DatasetNotFoundError, OSError) as error:
         fail(error_line(error))
     except Diverged as error:
         fail(str(error), code=3)
+    return summary.get("best_fid") if summary.get("best_fid") is not None else summary["final_loss"]
 
 
 def main() -> None:

@@ -13,18 +13,18 @@ Needs `pip install diffusers`.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
 from omegaconf import OmegaConf
 
+from diffusion_lab.config import CONF_DIR
 from diffusion_lab.objectives import EpsObjective
 from diffusion_lab.registry import SCHEDULES
 from diffusion_lab.sampler_lab import Truth, make_mixture, run_sampler, sampler_settings
 from diffusion_lab.samplers import build_sampler
 
-LAB = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "sampler_lab.yaml")
+LAB = OmegaConf.load(CONF_DIR / "sampler_lab.yaml")
 OURS = ["dpm_solver", "dpm_solver_3m"]  # the lab's default sampler first
 
 

@@ -16,7 +16,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from diffusion_lab.config import CONF_DIR
 
-REPO = CONF_DIR.parent
+REPO = CONF_DIR.parent.parent
 
 # A run small enough for a few seconds on a CPU that still exercises every artefact.
 TINY = [

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from diffusion_lab import checkpoint, train as train_module
 from diffusion_lab.checkpoint import CheckpointError
-from diffusion_lab.config import ConfigError
+from diffusion_lab.config import CONF_DIR, ConfigError
 from diffusion_lab.fid import FIDResult
 from diffusion_lab.fid_tracker import FIDTracker
 from diffusion_lab.optim import TrainStep, build_optimizer
@@ -186,7 +186,7 @@ def test_run_dirs_started_in_the_same_second_differ(monkeypatch):
     dirs = []
     for _ in range(2):
         GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose("config", return_hydra_config=True)
             dirs.append((cfg.hydra.run.dir, cfg.hydra.sweep.dir, cfg.hydra.run.dir))
     GlobalHydra.instance().clear()

@@ -172,6 +172,23 @@ def test_cli_multirun_two_jobs_one_wandb_group(tmp_path, launcher):
         assert run.run_group == s["wandb"]["group"] and run.job_type == "train"
         tags.append(list(run.tags))
     assert sorted(tags) == [["schedule=cosine"], ["schedule=linear"]]  # the swept key, not the fixed overrides
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0-schedule_linear", "1-schedule_cosine"]
+
+
+@pytest.mark.slow
+def test_sweep_job_dir_passes_back_unquoted(tmp_path):
+    """A sweep job's dir (number + swept keys) is a plain path: it resumes as `train.resume=DIR`."""
+    sweep, base = tmp_path / "sweep", ["eval.every=0", "logger=none", *[o for o in TINY if not o.startswith("eval")]]
+    result = run_cli("diffusion_lab.train", ["-m", "schedule=linear", "model.dropout=0.0,0.1",
+                                             f"hydra.sweep.dir={sweep}", *base], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    job = sweep / "1-model.dropout_0.1"  # the fixed schedule=linear is not in the name
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0-model.dropout_0.0", job.name]
+    more = [o for o in base if not o.startswith("train.steps")] + ["train.steps=8", "model.dropout=0.1"]
+    resumed = run_cli("diffusion_lab.train", [f"train.resume={job}", f"hydra.run.dir={tmp_path / 'more'}", *more],
+                      cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {job / 'checkpoints' / 'last.pt'} at step 6" in resumed.stdout
 
 
 @pytest.mark.parametrize("override,needle", [
@@ -181,6 +198,8 @@ def test_cli_multirun_two_jobs_one_wandb_group(tmp_path, launcher):
     ("data.image_size=6", "image_size"),
     ("model.dropot=0.1", "dropot"),
     ("data=folder", "data.root is required"),
+    ("+experiment=ddpm_cifar10", "use experiment=ddpm_cifar10 (no +)"),
+    ("+train.stpes=5", "no part of diffusion_lab reads train.stpes; did you mean train.steps?"),
 ])
 def test_cli_bad_override_fails_in_one_line(tmp_path, override, needle):
     result = run_cli("diffusion_lab.train", override.split() + ["logger=none"], cwd=tmp_path, timeout=120)
