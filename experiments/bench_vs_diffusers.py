@@ -12,8 +12,8 @@ Both train through the same harness: TrainStep (fp32 on CPU, grad clip 1.0, no E
 build_optimizer, the same fixed batch, and the same eps-MSE loss on the DDPM linear schedule, each drawing t and
 eps from its own generator with the same seed (so both see the same sequence). Timing alternates A and B in one
 process, the order flipped every round (bench_vs_peer.run_rounds); only the per-round ratios mean anything on a
-shared machine. Peak memory is measured per network in a fresh subprocess (ru_maxrss: the process high-water
-mark, which tracemalloc cannot see for torch's allocations). Sampling throughput is our DDIM-50 and
+shared machine. Peak memory is measured per network in a fresh subprocess (VmHWM: the process's resident
+high-water mark; tracemalloc cannot see torch's allocations). Sampling throughput is our DDIM-50 and
 DPM-Solver++(2M)-20 driving our network.
 
     python experiments/bench_vs_diffusers.py            # batch 8 and 32, 5 rounds, memory, sampling at batch 16
@@ -143,14 +143,24 @@ def bench_batch(nets: Dict[str, nn.Module], batch: int, args, device: torch.devi
 
 
 def peak_memory(name: str, batch: int, args) -> Dict[str, float]:
-    """Run 2 training steps of one network in a fresh process; ru_maxrss (MiB) after build and after the steps."""
+    """Run 2 training steps of one network in a fresh process; its peak RSS (MiB) after build and after the steps."""
     cmd = [sys.executable, __file__, "--_memory-child", name, "--batch-sizes", str(batch), "--device", args.device]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
+def peak_rss_mib() -> float:
+    """This process's resident high-water mark: VmHWM (Linux), else ru_maxrss. ru_maxrss alone would be wrong on
+    Linux: a child inherits its parent's value across fork and exec, so every child would report the parent's."""
+    try:
+        line = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024  # kB
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 2**20)
+
+
 def memory_child(name: str, batch: int, device: torch.device) -> None:
-    maxrss_mib = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # noqa: E731  (KiB on Linux)
+    maxrss_mib = peak_rss_mib
     net = build(name, device, channels_last=False)
     built = maxrss_mib()
     x0 = torch.randn(batch, 3, 32, 32, device=device)
