@@ -225,7 +225,7 @@ def parse_args() -> argparse.Namespace:
     if args.quick:  # explicit --batch-sizes / --rounds still win
         args.sample_batch, args.no_memory = 0, True
     args.batch_sizes = args.batch_sizes or ([8] if args.quick else [8, 32])
-    args.rounds = args.rounds or (3 if args.quick else 5)
+    args.rounds = args.rounds if args.rounds is not None else (3 if args.quick else 5)
     for flag in ("rounds", "steps_per_round"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
