@@ -3,7 +3,7 @@
 Both networks have the DDPM CIFAR-10 architecture (Ho et al. 2020: channels 128, 256, 256, 256, two ResBlocks per
 level, attention at 16x16, dropout 0.1, 32x32x3) and 35,746,307 parameters each:
 
-  A  diffusion_lab   MODELS.build("cifar", ...) with conf/model/cifar.yaml as the ddpm_cifar10 experiment sets it
+  A  diffusion_lab   MODELS.build("cifar", ...) with diffusion_lab/conf/model/cifar.yaml as the ddpm_cifar10 experiment sets it
                      (resample=ddpm, zero_init=true).
   B  diffusers       UNet2DModel in google/ddpm-cifar10-32's configuration (attention in the second down and
                      third up block, norm_eps 1e-6) with dropout=0.1.
@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 
 from bench_vs_peer import machine_info, run_rounds  # noqa: E402  (experiments/ is on sys.path: this file's dir)
+from diffusion_lab.config import CONF_DIR  # noqa: E402
 from diffusion_lab.models import unet  # noqa: E402,F401  (registers "cifar")
 from diffusion_lab.objectives import EpsObjective  # noqa: E402
 from diffusion_lab.optim import TrainStep, autocast_dtype, build_optimizer  # noqa: E402
@@ -53,9 +54,9 @@ SAMPLERS = {"DDIM-50": ("ddim", {"steps": 50}), "DPM-Solver++-20": ("dpm_solver"
 
 
 def lab_unet() -> nn.Module:
-    """conf/model/cifar.yaml with the ddpm_cifar10 experiment's overrides."""
-    cfg = OmegaConf.load(ROOT / "conf" / "model" / "cifar.yaml")
-    recipe = OmegaConf.load(ROOT / "conf" / "experiment" / "ddpm_cifar10.yaml").model
+    """diffusion_lab/conf/model/cifar.yaml with the ddpm_cifar10 experiment's overrides."""
+    cfg = OmegaConf.load(CONF_DIR / "model" / "cifar.yaml")
+    recipe = OmegaConf.load(CONF_DIR / "experiment" / "ddpm_cifar10.yaml").model
     params = {k: v for k, v in OmegaConf.to_container(OmegaConf.merge(cfg, recipe)).items()
               if k not in ("name", "defaults")}
     torch.manual_seed(SEED)
