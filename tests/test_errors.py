@@ -9,18 +9,13 @@ from diffusion_lab import checkpoint
 from diffusion_lab.train import train
 from tests.helpers import TINY, compose_config, run_main, write_malicious_checkpoint, write_tiny_cifar
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FAST = [o for o in TINY if not o.startswith(("train.steps", "eval."))] + ["eval.every=0", "logger=none",
                                                                           "train.steps=2"]
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy machine torch's spinning threads cost 30x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
@@ -81,7 +76,7 @@ CASES = [  # (command, arguments with {name} filled from `files`, a piece of the
     (TRAIN, ["data=cifar10", "data.download=false", "data.root={no_cifar}"], "CIFAR-10 not found"),
     (TRAIN, ["data=cifar10", "data.download=false", "data.root={cifar}", "data.verify_checksums=false", "data.image_size=8",
              "train.batch_size=64"], "fewer than batch_size=64"),
-    (TRAIN, ["train.resume={missing}"], "must be auto or an existing checkpoint file"),
+    (TRAIN, ["train.resume={missing}"], "must be auto, an existing checkpoint file or a run dir"),
     (TRAIN, ["train.resume={empty}"], "cannot read checkpoint"),
     (TRAIN, ["train.resume={text}"], "cannot read checkpoint"),
     (TRAIN, ["train.resume={truncated}"], "cannot read checkpoint"),

@@ -29,6 +29,8 @@ from diffusion_lab.plots import read_metrics
 from diffusion_lab.train import train
 from tests.helpers import REPO, TINY, compose_config, run_main, write_malicious_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FAST = [o for o in TINY if not o.startswith(("train.steps", "eval."))] + ["eval.every=0", "logger=none"]
 # One thread per subprocess: on a busy 2-core machine, torch's spinning threads slow tiny steps 30-fold.
 ENV = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
@@ -39,13 +41,6 @@ def fast(*overrides):
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy machine torch's spinning threads cost 30x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
