@@ -39,7 +39,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 
-from bench_vs_peer import machine_info, run_rounds  # noqa: E402  (experiments/ is on sys.path: this file's dir)
+from bench_vs_peer import eps_loss, machine_info, run_rounds  # noqa: E402  (experiments/ is on sys.path: this file's dir)
 from diffusion_lab.config import CONF_DIR  # noqa: E402
 from diffusion_lab.models import unet  # noqa: E402,F401  (registers "cifar")
 from diffusion_lab.objectives import EpsObjective  # noqa: E402
@@ -91,13 +91,7 @@ def train_step(net: nn.Module, x0: torch.Tensor, device: torch.device, precision
     schedule, objective = linear(noise_steps=T).to(device), EpsObjective()
     optimizer = build_optimizer(net.parameters(), "adamw", LR, device=device)
     step = TrainStep(net, optimizer, device, precision=precision, grad_clip=GRAD_CLIP)
-    generator = torch.Generator(device=device).manual_seed(SEED + 1)
-
-    def loss_fn() -> torch.Tensor:
-        t = schedule.sample_timesteps(x0.shape[0], device, generator)
-        eps = torch.randn(x0.shape, generator=generator, device=device)
-        x_t, _ = schedule.add_noise(x0, t, eps)
-        return objective.loss(net(x_t, t), x0, eps, schedule, t)
+    loss_fn = eps_loss(net, x0, schedule, objective, device)
 
     def run() -> float:
         net.train()

@@ -86,13 +86,8 @@ def fixed_batch(batch_size: int, image_size: int) -> torch.Tensor:
     return images[pick].clone()
 
 
-def lab_pipeline(net: nn.Module, x0: torch.Tensor, device: torch.device) -> Callable[[], float]:
-    """Pipeline A: diffusion_lab's TrainStep and train.py's loss_fn."""
-    if device.type == "cuda":  # as train.py does on a GPU
-        net = net.to(memory_format=torch.channels_last)
-    schedule, objective = linear(noise_steps=T).to(device), EpsObjective()
-    optimizer = build_optimizer(net.parameters(), "adam", LR, BETAS, device=device)
-    step_fn = TrainStep(net, optimizer, device, precision="auto", grad_clip=GRAD_CLIP, ema=EMA(net, EMA_DECAY))
+def eps_loss(net: nn.Module, x0: torch.Tensor, schedule, objective, device: torch.device) -> Callable[[], torch.Tensor]:
+    """train.py's loss_fn on a fixed batch: t and eps from a generator seeded the same for every network."""
     generator = torch.Generator(device=device).manual_seed(SEED + 1)
 
     def loss_fn() -> torch.Tensor:
@@ -100,6 +95,18 @@ def lab_pipeline(net: nn.Module, x0: torch.Tensor, device: torch.device) -> Call
         eps = torch.randn(x0.shape, generator=generator, device=device)
         x_t, _ = schedule.add_noise(x0, t, eps)
         return objective.loss(net(x_t, t), x0, eps, schedule, t)
+
+    return loss_fn
+
+
+def lab_pipeline(net: nn.Module, x0: torch.Tensor, device: torch.device) -> Callable[[], float]:
+    """Pipeline A: diffusion_lab's TrainStep and train.py's loss_fn."""
+    if device.type == "cuda":  # as train.py does on a GPU
+        net = net.to(memory_format=torch.channels_last)
+    schedule, objective = linear(noise_steps=T).to(device), EpsObjective()
+    optimizer = build_optimizer(net.parameters(), "adam", LR, BETAS, device=device)
+    step_fn = TrainStep(net, optimizer, device, precision="auto", grad_clip=GRAD_CLIP, ema=EMA(net, EMA_DECAY))
+    loss_fn = eps_loss(net, x0, schedule, objective, device)
 
     return lambda: step_fn(loss_fn)[0]
 
