@@ -163,6 +163,15 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.resume={resume!r} must be auto, an existing checkpoint file or a run dir with one")
     _check_sampler_fits_schedule(cfg)
     _check_sampling(cfg)
+    _check_lr_schedule(cfg)
+
+
+def _check_lr_schedule(cfg: DictConfig) -> None:
+    from .optim import LR_SCHEDULES  # importing optim registers the schedules
+
+    name = OmegaConf.select(cfg, "train.lr_schedule", default=None)
+    if name is not None and name not in LR_SCHEDULES:
+        raise ConfigError(f"train.lr_schedule={name!r} must be one of {', '.join(LR_SCHEDULES.names())}")
 
 
 def _check_sampler_fits_schedule(cfg: DictConfig) -> None:

@@ -1,7 +1,7 @@
 """One optimisation step, shared by the training loop and the reference classes.
 
-Owns what is the same for every model: optimizer, learning-rate warm-up, mixed precision with a
-gradient scaler, gradient clipping and the EMA update.
+Owns what is the same for every model: optimizer, learning-rate warm-up and decay, mixed precision
+with a gradient scaler, gradient clipping and the EMA update.
 """
 from __future__ import annotations
 
@@ -11,6 +11,33 @@ from typing import Callable, Iterable, Optional, Sequence, Tuple
 import torch
 
 from .ema import EMA
+from .registry import LR_SCHEDULES
+
+
+@LR_SCHEDULES.register("constant")
+def constant(progress: float) -> float:
+    """The peak learning rate throughout (the DDPM recipe)."""
+    return 1.0
+
+
+@LR_SCHEDULES.register("cosine")
+def cosine(progress: float) -> float:
+    """Half a cosine from the peak towards 0 (Loshchilov & Hutter 2017, without restarts)."""
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@LR_SCHEDULES.register("linear")
+def linear(progress: float) -> float:
+    """A straight line from the peak towards 0."""
+    return 1.0 - progress
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, decay: Callable[[float], float]) -> float:
+    """Fraction of the peak lr for optimizer step `step` (0-based): linear warm-up over `warmup_steps`,
+    then `decay` of the progress through the remaining steps (0 at the first, < 1 at the last)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return decay((step - warmup_steps) / max(1, total_steps - warmup_steps))
 
 
 def build_optimizer(
@@ -39,7 +66,7 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
 
 
 class TrainStep:
-    """loss_fn() under autocast -> (scaled) backward -> unscale -> clip -> optimizer step -> warm-up -> EMA."""
+    """loss_fn() under autocast -> (scaled) backward -> unscale -> clip -> optimizer step -> lr schedule -> EMA."""
 
     def __init__(
         self,
@@ -50,6 +77,8 @@ class TrainStep:
         grad_clip: float = 0.0,
         warmup_steps: int = 0,
         ema: Optional[EMA] = None,
+        lr_schedule: str = "constant",
+        total_steps: int = 0,
     ):
         self.model, self.optimizer, self.ema = model, optimizer, ema
         self.device = torch.device(device)
@@ -58,8 +87,9 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
         self.grad_clip = grad_clip
         self.skipped = False  # whether the last call skipped its update (non-finite loss or gradient)
+        decay = LR_SCHEDULES.get(lr_schedule)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+            optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, decay)
         )
 
     def __call__(self, loss_fn: Callable[[], torch.Tensor]) -> Tuple[float, float]:

@@ -117,7 +117,8 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
         model = model.to(memory_format=torch.channels_last)
     ema = EMA(model, decay=t.ema_decay, warmup=t.ema_warmup)
     optimizer = build_optimizer(model.parameters(), t.optimizer, t.lr, t.betas, t.weight_decay, device)
-    step_fn = TrainStep(model, optimizer, device, t.precision, t.grad_clip, t.warmup_steps, ema)
+    step_fn = TrainStep(model, optimizer, device, t.precision, t.grad_clip, t.warmup_steps, ema,
+                       lr_schedule=t.lr_schedule, total_steps=t.steps)
     forward = torch.compile(model) if t.compile else model
     noise_generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     fid = FIDTracker(cfg.eval, lambda split: dataset if split == "train" else build_dataset(cfg, split), device,
