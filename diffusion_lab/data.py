@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from .distributed import shard
 from .registry import DATASETS
 
 PathLike = Union[str, os.PathLike]
@@ -307,7 +308,7 @@ class _PositionedBatchSampler:
         while True:
             perm = self.loader.permutation(epoch)
             for i in range(index, self.loader.steps_per_epoch):
-                yield perm[i * bs : (i + 1) * bs].tolist()
+                yield self.loader.rank_slice(perm[i * bs : (i + 1) * bs]).tolist()
             epoch, index = epoch + 1, 0
 
 
@@ -324,6 +325,8 @@ class ResumableLoader:
     with probability 1/2 by a generator seeded with (seed, e, i). ``state_dict()`` is the position of
     the next batch; ``load_state_dict`` jumps there. Datasets with an in-memory ``images`` tensor
     are indexed directly; any other dataset goes through a DataLoader (``num_workers`` processes).
+    Data-parallel: ``batch_size`` is the global batch; every rank draws the same permutations and flips and
+    yields its contiguous ``1/world_size`` of each batch, so the position (and resume) is the same on all ranks.
     """
 
     def __init__(
@@ -334,6 +337,8 @@ class ResumableLoader:
         hflip: bool = False,
         num_workers: int = 0,
         device: Union[str, torch.device] = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
     ):
         n = len(dataset)  # type: ignore[arg-type]
         if batch_size < 1:
@@ -343,8 +348,12 @@ class ResumableLoader:
                 f"dataset {getattr(dataset, 'name', type(dataset).__name__)} has {n} images, "
                 f"fewer than batch_size={batch_size} (batches drop the incomplete last one)"
             )
+        if batch_size % world_size:
+            raise ValueError(f"batch_size={batch_size} is the global batch and does not split evenly over "
+                             f"{world_size} ranks")
         self.dataset = dataset
         self.batch_size = int(batch_size)
+        self.rank, self.world_size = int(rank), int(world_size)
         self.seed = int(seed)
         self.hflip = bool(hflip)
         self.num_workers = int(num_workers)
@@ -383,6 +392,10 @@ class ResumableLoader:
         g = torch.Generator().manual_seed(_derived_seed(self.seed, epoch, index, _FLIP_STREAM))
         return torch.rand(self.batch_size, generator=g) < 0.5
 
+    def rank_slice(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous part of a global batch (all of it on one process)."""
+        return shard(x, self.rank, self.world_size)
+
     # iteration --------------------------------------------------------------------------------
     def __iter__(self) -> "ResumableLoader":
         return self
@@ -391,14 +404,14 @@ class ResumableLoader:
         epoch, index = self.epoch, self.index
         if self._images is not None:
             bs = self.batch_size
-            idx = self.permutation(epoch)[index * bs : (index + 1) * bs].to(self._images.device)
+            idx = self.rank_slice(self.permutation(epoch)[index * bs : (index + 1) * bs]).to(self._images.device)
             x = self._images[idx]
         else:
             if self._iterator is None:
                 self._iterator = self._start_dataloader(epoch, index)
             x = next(self._iterator).to(self.device, non_blocking=True)
         if self.hflip:
-            mask = self.flip_mask(epoch, index).to(x.device).view(-1, *([1] * (x.dim() - 1)))
+            mask = self.rank_slice(self.flip_mask(epoch, index)).to(x.device).view(-1, *([1] * (x.dim() - 1)))
             x = torch.where(mask, x.flip(-1), x)
         self.index += 1
         if self.index == self.steps_per_epoch:

@@ -328,7 +328,7 @@ class FIDEvaluator:
         """
         # clean-fid calls G(z) for ceil(n / bs) batches of exactly bs images and keeps the first n
         # features. Evening out bs (<= batch_size) keeps the padding of the last batch small.
-        bs = math.ceil(n / math.ceil(n / self.batch_size))
+        bs = self.even_batch_size(n)
         next_batch = _batch_reader(source, bs) if isinstance(source, (torch.Tensor, torch.utils.data.Dataset)) else source
         remaining = n
 
@@ -348,6 +348,10 @@ class FIDEvaluator:
             gen, self.extractor, mode=self.mode, z_dim=1, num_gen=n, batch_size=bs,
             device=self.device, desc=desc, verbose=self.progress, custom_fn_resize=self.resize,
         )
+
+    def even_batch_size(self, n: int) -> int:
+        """The batch size (<= batch_size) that splits n images into batches of nearly equal size."""
+        return math.ceil(n / math.ceil(n / self.batch_size))
 
     def features(self, images: Images) -> np.ndarray:
         """Features [N, D] of [-1, 1] images (tensor [N, C, H, W], Dataset, or iterable of batches)."""
@@ -471,6 +475,10 @@ class FIDEvaluator:
             return {}
         with torch.no_grad():
             return classifier_score(self.head(torch.from_numpy(feats).float().to(self.device)).cpu())
+
+    def score_features(self, feats: np.ndarray) -> Optional[FIDResult]:
+        """FID of already extracted features [N, D] (e.g. gathered from several ranks) against the reference."""
+        return self._against_reference(feats) if self.enabled else None
 
     def _against_reference(self, feats: np.ndarray) -> FIDResult:
         value = float(cfid.frechet_distance(*self.statistics(feats), self.ref_mu, self.ref_sigma))

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
-from typing import Callable, Dict, Optional
-
+import numpy as np
 import torch
 
+from .distributed import Ranks
 from .features import digits_classifier
 from .fid import FIDEvaluator, FIDResult
 
@@ -72,20 +73,30 @@ class FIDTracker:
     def due(self, step: int) -> bool:
         return self.enabled and step % self.every == 0
 
-    def evaluate(self, sample: Callable[[torch.Tensor, int], torch.Tensor]) -> FIDResult:
-        """FID of `num_samples` images from sample(x_T, seed) against the reference statistics."""
+    def evaluate(self, sample: Callable[[torch.Tensor, int], torch.Tensor], ranks: Ranks = Ranks()) -> FIDResult:
+        """FID of `num_samples` images from sample(x_T, seed) against the reference statistics.
+
+        With several ranks each generates and embeds a contiguous share of the batches; the features are
+        gathered to every rank in batch order, so all ranks hold the single-process result."""
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            noise = torch.Generator().manual_seed(self.seed)
-            calls = iter(range(self.num_samples))
-
-            def generate(b: int) -> torch.Tensor:
-                x_T = torch.randn((b, *self.shape), generator=noise)
-                return sample(x_T, self.seed + next(calls)).cpu()
-
-            result = self.evaluator.compute(generate, self.num_samples)
+            mine = [sample(x_T, self.seed + k).cpu() for k, x_T in self._batches(ranks)]
+            feats = self.evaluator.features(torch.cat(mine)) if mine else None
+            result = self.evaluator.score_features(np.concatenate([f for f in ranks.all_gather(feats) if f is not None]))
         self.label, self.last = result.label(), result
         return result
+
+    def _batches(self, ranks: Ranks) -> Iterator[Tuple[int, torch.Tensor]]:
+        """(k, x_T) of this rank's batches. Every rank draws all the starting noise in order, so batch k has
+        the same x_T (and sampler seed seed + k) whatever the number of ranks."""
+        noise = torch.Generator().manual_seed(self.seed)
+        n, bs = self.num_samples, self.evaluator.even_batch_size(self.num_samples)
+        sizes = [min(bs, n - start) for start in range(0, n, bs)]
+        per_rank = math.ceil(len(sizes) / ranks.world_size)
+        for k, b in enumerate(sizes):
+            x_T = torch.randn((b, *self.shape), generator=noise)
+            if k // per_rank == ranks.rank:
+                yield k, x_T
 
     def record(self, step: int, result: FIDResult) -> bool:
         """Add a value to the history; True when it is the best so far (NaN or inf never is)."""

@@ -1,33 +1,40 @@
 """`python -m diffusion_lab.train`: config -> registry builds -> training loop -> logs, checkpoints, pictures.
 
 The loop only talks to interfaces: `schedule.add_noise`, `objective.loss`, `sampler(...)`; it does not know
-which schedule, objective, sampler or model it holds.
+which schedule, objective, sampler or model it holds. A run reads in phases: build, restore, loop (with
+evaluate), finish, around one `RunState` that a checkpoint saves and loads. Data-parallel under torchrun:
+every rank runs this, `Outputs` writes on rank 0 only.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoint, preemption, progress, run_dir as run_dirs
-from .build import build_components, build_dataset, params, resolve_device
+from . import checkpoint, distributed, preemption, progress, run_dir as run_dirs
+from .build import Components, build_components, build_dataset, params, resolve_device
 from .config import CONF_DIR, HYDRA_FLAGS, ConfigError, check_overrides, error_line, fail, validate
-from .data import DatasetNotFoundError, ResumableLoader, save_grid
+from .data import DatasetNotFoundError, ResumableLoader
+from .distributed import Ranks
 from .ema import EMA
 from .fid_tracker import FIDTracker
-from .loggers import LOGGERS, sweep_group, sweep_tags, swept_keys
+from .loggers import sweep_group, sweep_tags, swept_keys
 from .models import count_parameters
 from .optim import TrainStep, build_optimizer
+from .outputs import Outputs, run_name
 from .plots import denoising_trajectory, forward_diffusion, plot_curves, plot_loss
 from .registry import SCHEDULES, UnknownChoiceError
+from .run_state import RunState
 from .samplers import Trajectory, num_evaluations
 
 log = progress.log
@@ -54,6 +61,16 @@ def resume_path(cfg: DictConfig, outputs_root: Path) -> Optional[Path]:
     return run_dirs.checkpoint_file(Path(str(resume)))
 
 
+def checkpoint_to_resume(cfg: DictConfig, outputs_root: Path, ranks: Ranks) -> tuple:
+    """(path, checkpoint) of train.resume, or (None, None); rank 0 finds it, every rank reads it."""
+    source = ranks.broadcast(resume_path(cfg, outputs_root) if ranks.is_main else None)
+    saved = checkpoint.load_for_resume(source, cfg) if source is not None else None
+    if saved is not None and saved["step"] >= cfg.train.steps:
+        raise ConfigError(f"train.resume={source} already reached step {saved['step']} of train.steps="
+                          f"{cfg.train.steps}: raise train.steps to continue it")
+    return source, saved
+
+
 def diverged_message(bad_steps: int, step: int, kept: Optional[tuple]) -> str:
     """One true line about a diverged run: how many steps failed and which checkpoint is kept."""
     where = (f"the last checkpoint is {kept[0]} (step {kept[1]}, finite weights)" if kept
@@ -62,14 +79,211 @@ def diverged_message(bad_steps: int, step: int, kept: Optional[tuple]) -> str:
             f"gradient (their updates were skipped); {where}; lower train.lr or raise train.max_bad_steps")
 
 
-def carry_metrics(previous_run: Path, run_dir: Path, up_to_step: int) -> None:
-    """The earlier run's metrics up to the checkpoint step, so the curve continues without duplicated steps
-    (also when resuming in the same dir, where lines after the checkpoint are dropped)."""
-    source = previous_run / "metrics.jsonl"
-    if not source.is_file():
-        return
-    lines = [line for line in source.read_text().splitlines() if line and json.loads(line)["step"] <= up_to_step]
-    (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+# ------------------------------------------------------------------------------------------------
+# Build
+
+
+@dataclass
+class Run:
+    """What a run is made of, built once from the config (what changes while it trains is its RunState)."""
+
+    cfg: DictConfig
+    ranks: Ranks
+    device: torch.device
+    dataset: Any
+    parts: Components
+    ema: EMA
+    step_fn: TrainStep
+    loader: ResumableLoader
+    fid: FIDTracker
+    forward: Callable[..., torch.Tensor]  # the model as the loss calls it: DDP-wrapped and/or compiled
+    noise_generator: torch.Generator  # timesteps and noise, the same on every rank
+    grid_noise: torch.Tensor  # fixed starting noise of the sample grids, so they compare over time
+
+    def loss(self, x0: torch.Tensor) -> torch.Tensor:
+        """The objective's loss on this rank's part of the batch. Timesteps and noise are drawn for the whole
+        global batch and sliced, so N ranks train exactly as one process on the combined batch."""
+        schedule, ranks = self.parts.schedule, self.ranks
+        n = x0.shape[0] * ranks.world_size
+        t = ranks.shard(schedule.sample_timesteps(n, self.device, self.noise_generator))
+        eps = ranks.shard(torch.randn((n, *x0.shape[1:]), generator=self.noise_generator, device=self.device))
+        x_t, _ = schedule.add_noise(x0, t, eps)
+        return self.parts.objective.loss(self.forward(x_t, t), x0, eps, schedule, t)
+
+    def generate(self, x_T: torch.Tensor, seed: int) -> torch.Tensor:
+        """Samples of the EMA model from x_T with the configured sampler."""
+        return self.parts.sampler(self.ema.module, self.parts.schedule, self.parts.objective, x_T.to(self.device),
+                                  generator=torch.Generator(device=self.device).manual_seed(seed))
+
+
+def configured_device(cfg: DictConfig) -> torch.device:
+    try:
+        return resolve_device(cfg.device)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+
+
+def build_data(cfg: DictConfig, ranks: Ranks, device: torch.device) -> tuple:
+    """(dataset, components, loader); a builder that refuses the config is a one-line ConfigError."""
+    t = cfg.train
+    try:
+        dataset = build_dataset(cfg)
+        parts = build_components(cfg, device, dataset.image_size, dataset.channels)
+        loader = ResumableLoader(dataset, t.batch_size, cfg.seed, hflip=dataset.hflip, num_workers=t.num_workers,
+                                 device=device, rank=ranks.rank, world_size=ranks.world_size)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(str(error).splitlines()[0]) from error
+    return dataset, parts, loader
+
+
+def build(cfg: DictConfig, ranks: Ranks, device: torch.device) -> Run:
+    """Data, components, EMA, optimizer step, the (DDP) forward and the FID tracker of `cfg`."""
+    t = cfg.train
+    dataset, parts, loader = build_data(cfg, ranks, device)
+    model = parts.model
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        model.to(memory_format=torch.channels_last)
+    ema = EMA(model, decay=t.ema_decay, warmup=t.ema_warmup)
+    optimizer = build_optimizer(model.parameters(), t.optimizer, t.lr, t.betas, t.weight_decay, device)
+    step_fn = TrainStep(model, optimizer, device, t.precision, t.grad_clip, t.warmup_steps, ema,
+                       lr_schedule=t.lr_schedule, total_steps=t.steps)
+    net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if ranks.active else model
+    fid = FIDTracker(cfg.eval, lambda split: dataset if split == "train" else build_dataset(cfg, split), device,
+                     seed=cfg.seed)
+    if ranks.active:  # every rank built the same weights from cfg.seed; dropout masks must differ between ranks
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, ranks.rank]).generate_state(1)[0]))
+    c, h, w = parts.image_shape
+    return Run(cfg, ranks, device, dataset, parts, ema, step_fn, loader, fid,
+               forward=torch.compile(net) if t.compile else net,
+               noise_generator=torch.Generator(device=device).manual_seed(cfg.seed + 1),
+               grid_noise=torch.randn((t.num_grid_samples, c, h, w), generator=torch.Generator().manual_seed(cfg.seed)))
+
+
+def new_state(run: Run, config: Dict[str, Any]) -> RunState:
+    return RunState(run.parts.model, run.step_fn, run.loader, run.fid, run.noise_generator, run.ranks,
+                    info={"config": config, "num_parameters": count_parameters(run.parts.model),
+                          "image_shape": run.parts.image_shape, "dataset_name": run.dataset.name})
+
+
+# ------------------------------------------------------------------------------------------------
+# Restore
+
+
+def restore(state: RunState, saved: Dict[str, Any], source: Path, out: Outputs) -> None:
+    """Continue from checkpoint `saved` (read from `source`): state, and the metrics up to its step."""
+    try:
+        state.load_state_dict(saved)
+    except (KeyError, RuntimeError, ValueError, TypeError) as error:  # a hand-made or foreign file
+        raise checkpoint.CheckpointError(f"cannot resume from {source}: {error_line(error)}") from error
+    out.carry_metrics(source.parent.parent, state.step)
+    log.info(f"resumed from {source} at step {state.step}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Loop and evaluate
+
+
+@dataclass
+class Window:
+    """Sums over the steps since the last log point (seconds: training steps only)."""
+
+    loss: float = 0.0
+    grad_norm: float = 0.0
+    n: int = 0
+    seconds: float = 0.0
+
+
+class Loop:
+    """The training loop: steps, and at their rhythm log points, checkpoints, sample grids and FID."""
+
+    def __init__(self, run: Run, state: RunState, out: Outputs, kept: Optional[tuple]):
+        self.run, self.state, self.out, self.t = run, state, out, run.cfg.train
+        self.kept = kept  # the newest checkpoint of this run: (path, step)
+        self.window, self.bad_steps, self.train_seconds = Window(), 0, 0.0
+        self.first_step, self.grid_path, self.stopped = state.step, None, False
+
+    def run_steps(self) -> preemption.Preemption:
+        """Train up to train.steps or a stop signal (on any rank); returns the signal handler."""
+        batches = iter(self.run.loader)
+        with preemption.Preemption() as stop, progress.Progress(self.t.steps, self.state.step) as bar:
+            self.state.started = time.perf_counter()
+            while self.state.step < self.t.steps and not self.run.ranks.any(stop.requested):
+                self.step(batches)
+                self.after_step(bar)
+                bar.update()
+            self.stopped = self.run.ranks.any(stop.requested)
+            if self.stopped:
+                self.kept = self.save("last.pt")
+        return stop
+
+    def step(self, batches) -> None:
+        """One optimizer step; a run of max_bad_steps skipped (non-finite) steps raises Diverged."""
+        started = time.perf_counter()
+        loss, grad_norm = self.run.step_fn(lambda: self.run.loss(next(batches)))
+        self.window.seconds += time.perf_counter() - started
+        self.state.step += 1
+        self.bad_steps = self.bad_steps + 1 if self.run.step_fn.skipped else 0
+        if self.bad_steps:
+            log.warning(f"step {self.state.step}: loss {loss}, grad norm {grad_norm}: update skipped "
+                        f"({self.bad_steps}/{self.t.max_bad_steps} in a row)")
+            if self.bad_steps >= self.t.max_bad_steps:
+                raise Diverged(diverged_message(self.bad_steps, self.state.step, self.kept))
+        else:
+            self.window.loss += loss
+            self.window.grad_norm += grad_norm
+            self.window.n += 1
+
+    def after_step(self, bar: progress.Progress) -> None:
+        """Log point, checkpoint (before the grid and FID, which can fail), sample grid and FID when due."""
+        t, step, fid = self.t, self.state.step, self.run.fid
+        last = step == t.steps
+        if (step % t.log_every == 0 or last) and self.window.n:
+            self.log_point(bar)
+        checkpoint_due = bool(t.checkpoint_every and step % t.checkpoint_every == 0) or last
+        if checkpoint_due:
+            self.kept = self.save("last.pt")
+        if (t.sample_every and step % t.sample_every == 0) or last:
+            self.grid_path = self.out.grid(step, lambda: self.run.generate(self.run.grid_noise, self.run.cfg.seed))
+        if fid.due(step) or (last and fid.enabled):
+            self.evaluate(checkpoint_due)
+
+    def log_point(self, bar: progress.Progress) -> None:
+        """Mean loss over the window (and over the ranks), learning rate, grad norm and throughput."""
+        w, t, step, lr = self.window, self.t, self.state.step, self.run.step_fn.lr
+        mean_loss = self.run.ranks.mean(w.loss / w.n)
+        images_per_s = w.n * t.batch_size / w.seconds
+        self.train_seconds += w.seconds
+        self.state.loss_history.append((step, mean_loss))
+        self.out.log({"loss": mean_loss, "lr": lr, "grad_norm": w.grad_norm / w.n, "images_per_s": images_per_s,
+                      "epoch": step * t.batch_size / len(self.run.dataset)}, step)
+        bar.report(step, mean_loss, lr, images_per_s)
+        self.window = Window()
+
+    def evaluate(self, checkpoint_due: bool) -> None:
+        """FID of the EMA model (generation split over the ranks); best.pt when it is the best so far."""
+        fid, step = self.run.fid, self.state.step
+        result = fid.evaluate(self.run.generate, self.run.ranks)
+        log.info(f"step {step}: {result}")
+        self.out.log({"fid": result.value, "fid_floor": result.floor, **result.scores}, step)
+        if fid.record(step, result):
+            self.save("best.pt")
+        if checkpoint_due:  # again, now holding this step's FID
+            self.save("last.pt")
+
+    def save(self, name: str) -> tuple:
+        """Write checkpoints/`name` (rank 0); returns (path, step)."""
+        return self.out.checkpoint(name, self.state.state_dict()), self.state.step
+
+    @property
+    def images_per_s(self) -> Optional[float]:
+        done = self.state.step - self.first_step
+        return done * self.t.batch_size / (self.train_seconds + self.window.seconds) if done else None
+
+
+# ------------------------------------------------------------------------------------------------
+# Finish
 
 
 def write_pictures(cfg: DictConfig, dataset, parts, sample_model: torch.nn.Module, x_T: torch.Tensor,
@@ -87,186 +301,93 @@ def write_pictures(cfg: DictConfig, dataset, parts, sample_model: torch.nn.Modul
     return {"forward_diffusion": strip, "trajectory": denoising_trajectory(trajectory, run_dir / "trajectory.png")}
 
 
-def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides: Sequence[str] = (),
-          outputs_root: Path = Path("outputs"), swept: Sequence[str] = ()) -> Dict[str, Any]:
-    """Train one run into `run_dir` and return its summary (also written to summary.json).
-    swept: the keys a sweep varies; their `key=value` overrides become W&B tags."""
-    validate(cfg)
-    run_dir = Path(run_dir)
-    source = resume_path(cfg, outputs_root)
-    state = checkpoint.load_for_resume(source, cfg) if source is not None else None
-    if state is not None and state["step"] >= cfg.train.steps:
-        raise ConfigError(f"train.resume={source} already reached step {state['step']} of train.steps="
-                          f"{cfg.train.steps}: raise train.steps to continue it")
-    run_dirs.claim(run_dir, source)
-    progress.log_to(run_dir)
-    seed_everything(cfg.seed)
-    t = cfg.train
-    try:
-        device = resolve_device(cfg.device)
-        dataset = build_dataset(cfg)
-        parts = build_components(cfg, device, dataset.image_size, dataset.channels)
-        loader = ResumableLoader(dataset, t.batch_size, cfg.seed, hflip=dataset.hflip,
-                                 num_workers=t.num_workers, device=device)
-    except (ValueError, TypeError) as error:  # a builder refused the config: say it in one line
-        raise ConfigError(str(error).splitlines()[0]) from error
-    model, schedule, objective = parts.model, parts.schedule, parts.objective
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        model = model.to(memory_format=torch.channels_last)
-    ema = EMA(model, decay=t.ema_decay, warmup=t.ema_warmup)
-    optimizer = build_optimizer(model.parameters(), t.optimizer, t.lr, t.betas, t.weight_decay, device)
-    step_fn = TrainStep(model, optimizer, device, t.precision, t.grad_clip, t.warmup_steps, ema,
-                       lr_schedule=t.lr_schedule, total_steps=t.steps)
-    forward = torch.compile(model) if t.compile else model
-    noise_generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    fid = FIDTracker(cfg.eval, lambda split: dataset if split == "train" else build_dataset(cfg, split), device,
-                     seed=cfg.seed)
-
-    step, elapsed_before, run_id, loss_history = 0, 0.0, None, []
-    if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-            step_fn.load_state_dict(state["train_step"])
-            loader.load_state_dict(state["data"])
-            noise_generator.set_state(state["rng"]["noise_generator"].cpu())
-            checkpoint.set_rng_states(state["rng"])
-            fid.load_state_dict(state["fid"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as error:  # a hand-made or foreign file
-            raise checkpoint.CheckpointError(f"cannot resume from {source}: {error_line(error)}") from error
-        step, elapsed_before = state["step"], state["elapsed_s"]
-        run_id, loss_history = state.get("wandb_run_id"), state["loss_history"]
-        carry_metrics(source.parent.parent, run_dir, step)
-        log.info(f"resumed from {source} at step {step}")
-
-    config = OmegaConf.to_container(cfg, resolve=True)
-    OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
-    name = cfg.run_name or ",".join(overrides) or "default"
-    logger_params = params(cfg.logger)
-    group = logger_params.pop("group", None) or group
-    logger_params["tags"] = [*(logger_params.get("tags") or []), *sweep_tags(swept, overrides)]
-    logger = LOGGERS.build(cfg.logger.name, run_dir=run_dir, config=config, name=name, group=group,
-                           run_id=run_id, job_type="train", **logger_params)
-    n_params = count_parameters(model)
-    c, h, w = parts.image_shape
-    log.info(f"diffusion_lab | device {device} | model {cfg.model.name} {n_params / 1e6:.2f}M params | "
-          f"data {cfg.data.name} {len(dataset)} images {c}x{h}x{w} | run dir {run_dir}")
-
-    grid_noise = torch.randn((t.num_grid_samples, c, h, w), generator=torch.Generator().manual_seed(cfg.seed))
-    grid_dir = run_dir / "samples"
-    grid_dir.mkdir(exist_ok=True)
-    batches = iter(loader)
-
-    def loss_fn() -> torch.Tensor:
-        x0 = next(batches)
-        t_batch = schedule.sample_timesteps(x0.shape[0], device, noise_generator)
-        eps = torch.randn(x0.shape, generator=noise_generator, device=device)
-        x_t, _ = schedule.add_noise(x0, t_batch, eps)
-        return objective.loss(forward(x_t, t_batch), x0, eps, schedule, t_batch)
-
-    def generate(x_T: torch.Tensor, seed: int) -> torch.Tensor:
-        return parts.sampler(ema.module, schedule, objective, x_T.to(device),
-                             generator=torch.Generator(device=device).manual_seed(seed))
-
-    def save_state(path: Path) -> tuple:
-        checkpoint.save(path, {
-            "step": step, "model": model.state_dict(), "train_step": step_fn.state_dict(),
-            "data": loader.state_dict(), "fid": fid.state_dict(), "loss_history": loss_history,
-            "rng": {**checkpoint.rng_states(), "noise_generator": noise_generator.get_state()},
-            "elapsed_s": elapsed_before + (time.perf_counter() - started), "config": config,
-            "wandb_run_id": logger.run_id, "num_parameters": n_params, "image_shape": parts.image_shape,
-            "dataset_name": dataset.name,
-        })
-        return path, step
-
-    def sample_grid() -> Path:
-        path = grid_dir / f"step_{step:07d}.png"
-        save_grid(generate(grid_noise, cfg.seed), path)
-        logger.log_images({"samples": path}, step)
-        return path
-
-    started = time.perf_counter()
-    window = {"loss": 0.0, "grad_norm": 0.0, "n": 0, "seconds": 0.0}  # seconds: training steps only
-    first_step, train_seconds = step, 0.0
-    grid_path, bad_steps = None, 0
-    kept = (source, step) if source is not None else None  # the newest checkpoint of this run: (path, step)
-    try:
-        with preemption.Preemption() as stop, progress.Progress(t.steps, step) as bar:
-            while step < t.steps and not stop.requested:
-                step_started = time.perf_counter()
-                loss, grad_norm = step_fn(loss_fn)
-                window["seconds"] += time.perf_counter() - step_started
-                step += 1
-                bad_steps = bad_steps + 1 if step_fn.skipped else 0
-                if bad_steps:
-                    log.warning(f"step {step}: loss {loss}, grad norm {grad_norm}: update skipped "
-                               f"({bad_steps}/{t.max_bad_steps} in a row)")
-                    if bad_steps >= t.max_bad_steps:
-                        raise Diverged(diverged_message(bad_steps, step, kept))
-                else:
-                    window["loss"] += loss
-                    window["grad_norm"] += grad_norm
-                    window["n"] += 1
-                last = step == t.steps
-                if (step % t.log_every == 0 or last) and window["n"]:
-                    mean_loss = window["loss"] / window["n"]
-                    images_per_s = window["n"] * t.batch_size / window["seconds"]
-                    train_seconds += window["seconds"]
-                    loss_history.append((step, mean_loss))
-                    logger.log({"loss": mean_loss, "lr": step_fn.lr, "grad_norm": window["grad_norm"] / window["n"],
-                                "images_per_s": images_per_s, "epoch": step * t.batch_size / len(dataset)}, step)
-                    bar.report(step, mean_loss, step_fn.lr, images_per_s)
-                    window = {"loss": 0.0, "grad_norm": 0.0, "n": 0, "seconds": 0.0}
-                checkpoint_due = (t.checkpoint_every and step % t.checkpoint_every == 0) or last
-                if checkpoint_due:  # before the sample grid and FID, which can fail
-                    kept = save_state(run_dir / "checkpoints" / "last.pt")
-                if (t.sample_every and step % t.sample_every == 0) or last:
-                    grid_path = sample_grid()
-                if fid.due(step) or (last and fid.enabled):
-                    result = fid.evaluate(generate)
-                    log.info(f"step {step}: {result}")
-                    logger.log({"fid": result.value, "fid_floor": result.floor, **result.scores}, step)
-                    if fid.record(step, result):
-                        save_state(run_dir / "checkpoints" / "best.pt")
-                    if checkpoint_due:  # again, now holding this step's FID
-                        save_state(run_dir / "checkpoints" / "last.pt")
-                bar.update()
-            if stop.requested:
-                kept = save_state(run_dir / "checkpoints" / "last.pt")
-    except BaseException:
-        logger.finish(exit_code=1)
-        raise
-
-    wall = elapsed_before + time.perf_counter() - started
+def final_pictures(run: Run, run_dir: Path, name: str) -> Dict[str, Path]:
+    """loss.png, forward_diffusion.png, trajectory.png and fid.png (when FID ran)."""
     pictures = {"loss": plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png"),
-                **write_pictures(cfg, dataset, parts, ema.module, grid_noise[:4].to(device), run_dir)}
+                **write_pictures(run.cfg, run.dataset, run.parts, run.ema.module, run.grid_noise[:4].to(run.device),
+                                 run_dir)}
+    fid = run.fid
     if fid.history:
         pictures["fid"] = plot_curves({name: [{"step": s, "fid": v} for s, v in fid.history]}, "fid",
                                       run_dir / "fid.png", fid.label or "FID", floors=fid.floors())
-    logger.log_images(pictures, step)
-    losses = [loss for _, loss in loss_history[-4:]]
-    summary = {
-        "name": name, "group": group, "overrides": list(overrides), "run_dir": str(run_dir),
-        "device": str(device), "num_parameters": n_params, "dataset": cfg.data.name, "dataset_size": len(dataset),
-        "steps": step, "final_loss": sum(losses) / len(losses) if losses else None, "wall_time_s": wall,
-        "train_images_per_s": (step - first_step) * t.batch_size / (train_seconds + window["seconds"])
-        if step > first_step else None,
-        "last_grid": str(grid_path) if grid_path else None, "checkpoint": str(run_dir / "checkpoints" / "last.pt"),
-        **fid.summary(), "wandb": logger.info(), "interrupted": stop.requested,
+    return pictures
+
+
+def summarize(run: Run, state: RunState, loop: Loop, out: Outputs, identity: Dict[str, Any]) -> Dict[str, Any]:
+    """summary.json's content: the run, its size, loss, throughput, FID and where its files are."""
+    losses = [loss for _, loss in state.loss_history[-4:]]
+    return {
+        **identity, "run_dir": str(out.run_dir), "device": str(run.device), "world_size": run.ranks.world_size,
+        "num_parameters": state.info["num_parameters"], "dataset": run.cfg.data.name,
+        "dataset_size": len(run.dataset), "steps": state.step,
+        "final_loss": sum(losses) / len(losses) if losses else None, "wall_time_s": state.elapsed_s,
+        "train_images_per_s": loop.images_per_s, "last_grid": str(loop.grid_path) if loop.grid_path else None,
+        "checkpoint": str(out.run_dir / "checkpoints" / "last.pt"), **run.fid.summary(),
+        "wandb": out.logger_info(), "interrupted": loop.stopped,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    logger.summarize({k: summary[k] for k in ("final_loss", "best_fid", "final_fid", "fid_floor", "fid_floor_n",
-                                              "fid_label", "train_images_per_s", "wall_time_s") if k in summary})
-    if not stop.requested:
-        logger.log_checkpoint(run_dir / "checkpoints" / "last.pt")
-    logger.finish(exit_code=preemption.exit_code(stop.signum) if stop.requested else 0)
-    if stop.requested:
-        log.info(f"stopped by {stop.name} at step {step}: wrote {kept[0]}; continue with train.resume=auto "
-              f"or train.resume={kept[0]}")
-        stop.exit()
-    log.info(f"done: {step} steps in {wall:.0f}s, final loss {summary['final_loss']:.4f}, run dir {run_dir}")
+
+
+def finish(run: Run, state: RunState, loop: Loop, out: Outputs, stop: preemption.Preemption,
+           identity: Dict[str, Any]) -> Dict[str, Any]:
+    """Pictures, summary.json and the logger's summary; a stopped run then exits with 128 + signal."""
+    out.pictures(lambda: final_pictures(run, out.run_dir, identity["name"]), state.step)
+    summary = summarize(run, state, loop, out, identity)
+    out.summary(summary, upload_checkpoint=not loop.stopped)
+    out.finish(exit_code=preemption.exit_code(stop.signum) if stop.requested else 0)
+    if loop.stopped:
+        log.info(f"stopped by {stop.name or 'another rank'} at step {state.step}: wrote {loop.kept[0]}; continue "
+                 f"with train.resume=auto or train.resume={loop.kept[0]}")
+        if stop.requested:
+            stop.exit()
+        return summary
+    log.info(f"done: {state.step} steps in {summary['wall_time_s']:.0f}s, final loss {summary['final_loss']:.4f}, "
+             f"run dir {out.run_dir}")
     return summary
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+
+
+def start(cfg: DictConfig, run: Run, state: RunState, out: Outputs, group: Optional[str],
+          overrides: Sequence[str], swept: Sequence[str]) -> Dict[str, Any]:
+    """config.yaml, the logger and the start line; returns the run's name, group and overrides."""
+    logger_params = params(cfg.logger)
+    group = logger_params.pop("group", None) or group
+    logger_params["tags"] = [*(logger_params.get("tags") or []), *sweep_tags(swept, overrides)]
+    name = run_name(cfg, overrides)
+    out.open_logger(state.info["config"], cfg.logger.name, state.wandb_run_id, name=name, group=group, **logger_params)
+    state.wandb_run_id = out.run_id
+    c, h, w = run.parts.image_shape
+    log.info(f"diffusion_lab | device {run.device} | world size {run.ranks.world_size} | model {cfg.model.name} "
+             f"{state.info['num_parameters'] / 1e6:.2f}M params | data {cfg.data.name} {len(run.dataset)} images "
+             f"{c}x{h}x{w} | run dir {out.run_dir}")
+    return {"name": name, "group": group, "overrides": list(overrides)}
+
+
+def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides: Sequence[str] = (),
+          outputs_root: Path = Path("outputs"), swept: Sequence[str] = ()) -> Dict[str, Any]:
+    """Train one run into `run_dir` and return its summary (also written to summary.json).
+    swept: the keys a sweep varies; their `key=value` overrides become W&B tags. Under torchrun every rank
+    calls this; all use rank 0's run dir, and only rank 0 writes."""
+    validate(cfg)
+    with distributed.session(configured_device(cfg)) as (ranks, device):
+        out = Outputs(Path(ranks.broadcast(str(run_dir))), enabled=ranks.is_main)
+        source, saved = checkpoint_to_resume(cfg, outputs_root, ranks)
+        out.claim(source)
+        seed_everything(cfg.seed)
+        run = build(cfg, ranks, device)
+        state = new_state(run, OmegaConf.to_container(cfg, resolve=True))
+        if saved is not None:
+            restore(state, saved, source, out)
+        loop = Loop(run, state, out, kept=(source, state.step) if source is not None else None)
+        try:
+            identity = start(cfg, run, state, out, group, overrides, swept)
+            stop = loop.run_steps()
+        except BaseException:
+            out.finish(exit_code=1)
+            raise
+        return finish(run, state, loop, out, stop, identity)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -288,6 +409,10 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
         fail(error_line(error))
     except Diverged as error:
         fail(str(error), code=3)
+    finally:
+        if distributed.ranks_from_env()[0] != 0:  # its own dir is empty: every rank wrote into rank 0's
+            with contextlib.suppress(OSError):
+                Path(hc.runtime.output_dir).rmdir()
     return summary.get("best_fid") if summary.get("best_fid") is not None else summary["final_loss"]
 
 
@@ -295,6 +420,8 @@ def main() -> None:
     """Check every override before Hydra starts (one-line errors), then run."""
     if not HYDRA_FLAGS.intersection(sys.argv[1:]):
         check_overrides(sys.argv[1:])
+    if distributed.ranks_from_env()[0] != 0:  # Hydra writes no config or log into the other ranks' dirs
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
     hydra_main()
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from diffusion_lab import checkpoint, train as train_module
+from diffusion_lab import checkpoint, outputs
 from diffusion_lab.checkpoint import CheckpointError
 from diffusion_lab.config import CONF_DIR, ConfigError
 from diffusion_lab.fid import FIDResult
@@ -321,7 +321,7 @@ def test_checkpoint_is_written_before_the_sample_grid(tmp_path, monkeypatch):
     def broken_grid(*args, **kwargs):
         raise RuntimeError("the sampler failed")
 
-    monkeypatch.setattr(train_module, "save_grid", broken_grid)
+    monkeypatch.setattr(outputs, "save_grid", broken_grid)
     with pytest.raises(RuntimeError, match="sampler failed"):
         train(fast("train.steps=4", "train.checkpoint_every=1000", "train.sample_every=0"), tmp_path / "run")
     assert checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 4
