@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import checkpoint, preemption, progress, run_dir as run_dirs
+from . import checkpoint, cluster, preemption, progress, run_dir as run_dirs
 from .build import build_components, build_dataset, params, resolve_device
 from .config import CONF_DIR, HYDRA_FLAGS, ConfigError, check_overrides, error_line, fail, validate
 from .data import DatasetNotFoundError, ResumableLoader, save_grid
@@ -281,6 +281,7 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
         swept = swept_keys(sweep)
         group = sweep_group(swept, sweep)
     try:
+        cluster.prepare(cfg, Path(hc.runtime.output_dir))  # a submitit task: ranks; a requeued job resumes
         summary = train(cfg, Path(hc.runtime.output_dir), group=group, overrides=hc.overrides.task,
               outputs_root=Path(hc.runtime.cwd) / "outputs", swept=swept)
     except (ConfigError, UnknownChoiceError, DatasetNotFoundError, OSError) as error:
