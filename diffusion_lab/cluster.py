@@ -12,11 +12,13 @@ finish, writes last.pt, puts submitit's handlers back and then calls the one for
 asks hydra-submitit-launcher's `checkpoint()` for the same job again and requeues it (`scontrol requeue`; the
 local executor restarts the task); after SIGTERM SLURM requeues a preempted job itself. Either way the job
 starts again with the same job id and, from the same sweep config, the same run dir: `resume_if_requeued`
-then points `train.resume` at that run dir's last.pt. The job id is recorded in the run dir at the first
-start, so only a requeue of that very job continues there; any other start in a used dir is refused as before.
+then points `train.resume` at that run dir's last.pt (or, if that run had finished, hands back its summary).
+The job id is recorded in the run dir at the first start, so only a requeue of that very job continues
+there; any other start in a used dir is refused as before.
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -52,16 +54,31 @@ def export_distributed_env(job: Any) -> Dict[str, str]:
             "MASTER_PORT": str(dist.master_port)}
 
 
-def resume_if_requeued(cfg: DictConfig, run_dir: Path, job: Any) -> Optional[Path]:
-    """A requeued start of `job` (its id is the one recorded in `run_dir`) continues from run_dir's last.pt:
-    `cfg.train.resume` is set to it, which is returned. A requeued job whose first start wrote no checkpoint
-    starts over: rank 0 removes that start's files. A first start records the job id (rank 0)."""
+def finished_summary(cfg: DictConfig, run_dir: Path) -> Optional[Dict[str, Any]]:
+    """The summary of a run in `run_dir` that already trained all `train.steps` (a stop signal during its
+    last step's FID lets the run finish, then requeues the job), else None."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):  # none yet, or cut short by a kill while it was written
+        return None
+    return summary if summary.get("steps", 0) >= cfg.train.steps else None
+
+
+def resume_if_requeued(cfg: DictConfig, run_dir: Path, job: Any) -> Optional[Dict[str, Any]]:
+    """A requeued start of `job` (its id is the one recorded in `run_dir`) continues from run_dir's last.pt
+    (`cfg.train.resume` is set to it), or returns the summary of a run that had already finished. A requeued
+    job whose first start wrote no checkpoint starts over: rank 0 removes that start's files. A first start
+    records the job id (rank 0)."""
     marker, last = run_dir / JOB_ID_FILE, run_dir / "checkpoints" / "last.pt"
     requeued = marker.is_file() and marker.read_text().strip() == job.job_id
     if requeued and last.is_file():
+        finished = finished_summary(cfg, run_dir)
+        if finished is not None:
+            log.info(f"submitit job {job.job_id} was requeued after its run had finished: nothing left to train")
+            return finished
         cfg.train.resume = str(last)
         log.info(f"submitit job {job.job_id} was requeued: continuing from {last}")
-        return last
+        return None
     if job.global_rank != 0:
         return None
     if requeued:
@@ -77,12 +94,13 @@ def resume_if_requeued(cfg: DictConfig, run_dir: Path, job: Any) -> Optional[Pat
     return None
 
 
-def prepare(cfg: DictConfig, run_dir: Path) -> None:
-    """In a submitit task: export the torch.distributed variables and continue a requeued job. Else nothing."""
+def prepare(cfg: DictConfig, run_dir: Path) -> Optional[Dict[str, Any]]:
+    """In a submitit task: export the torch.distributed variables and continue a requeued job; returns the
+    summary of a requeued job that has nothing left to train. Outside submitit: nothing (None)."""
     job = job_environment()
     if job is None:
-        return
+        return None
     dist = export_distributed_env(job)
     log.info(f"submitit job {job.job_id}: task {job.global_rank} of {job.num_tasks} on {job.num_nodes} node(s)"
              + (f", torch.distributed via {dist['MASTER_ADDR']}:{dist['MASTER_PORT']}" if dist else ""))
-    resume_if_requeued(cfg, Path(run_dir), job)
+    return resume_if_requeued(cfg, Path(run_dir), job)

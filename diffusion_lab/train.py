@@ -281,8 +281,8 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
         swept = swept_keys(sweep)
         group = sweep_group(swept, sweep)
     try:
-        cluster.prepare(cfg, Path(hc.runtime.output_dir))  # a submitit task: ranks; a requeued job resumes
-        summary = train(cfg, Path(hc.runtime.output_dir), group=group, overrides=hc.overrides.task,
+        finished = cluster.prepare(cfg, Path(hc.runtime.output_dir))  # submitit: ranks; a requeued job resumes
+        summary = finished or train(cfg, Path(hc.runtime.output_dir), group=group, overrides=hc.overrides.task,
               outputs_root=Path(hc.runtime.cwd) / "outputs", swept=swept)
     except (ConfigError, UnknownChoiceError, DatasetNotFoundError, OSError) as error:
         fail(error_line(error))

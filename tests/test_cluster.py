@@ -167,6 +167,18 @@ def test_a_requeued_job_continues_from_its_own_checkpoint(slurm, tmp_path):
     assert cfg.train.resume == str(run_dir / "checkpoints" / "last.pt")
 
 
+def test_a_job_requeued_after_its_run_finished_trains_no_more(slurm, tmp_path):
+    """A stop signal during the last step's FID lets the run finish, then submitit requeues the job."""
+    cfg, run_dir = compose_config(FAST + ["train.steps=6"]), tmp_path / "run"
+    slurm(SLURM_JOB_ID=100)
+    assert cluster.prepare(cfg, run_dir) is None
+    write_run(run_dir, with_checkpoint=True)
+    (run_dir / "summary.json").write_text(json.dumps({"steps": 6, "final_loss": 0.25, "interrupted": True}))
+    assert cluster.prepare(cfg, run_dir)["final_loss"] == 0.25 and cfg.train.resume is None
+    (run_dir / "summary.json").write_text(json.dumps({"steps": 5, "final_loss": 0.25, "interrupted": True}))
+    assert cluster.prepare(cfg, run_dir) is None and cfg.train.resume == str(run_dir / "checkpoints" / "last.pt")
+
+
 def test_another_job_never_continues_a_run_dir(slurm, tmp_path):
     run_dir = tmp_path / "run"
     slurm(SLURM_JOB_ID=100)
