@@ -212,6 +212,8 @@ def _check_group_choices(overrides: Sequence[Any]) -> Optional[str]:
         group = override.key_or_group
         if override.package is not None or "." in group or not (CONF_DIR / group).is_dir():
             continue
+        if group.startswith("hydra/"):  # also holds the plugins' configs (hydra/launcher=joblib): Hydra checks them
+            continue
         if group == "experiment" and override.value() is None:
             continue
         values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]

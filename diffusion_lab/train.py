@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoint, distributed, preemption, progress, run_dir as run_dirs
+from . import checkpoint, cluster, distributed, preemption, progress, run_dir as run_dirs
 from .build import Components, build_components, build_dataset, params, resolve_device
 from .config import CONF_DIR, HYDRA_FLAGS, ConfigError, check_overrides, error_line, fail, validate
 from .data import DatasetNotFoundError, ResumableLoader
@@ -403,7 +403,8 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
         swept = swept_keys(sweep)
         group = sweep_group(swept, sweep)
     try:
-        summary = train(cfg, Path(hc.runtime.output_dir), group=group, overrides=hc.overrides.task,
+        finished = cluster.prepare(cfg, Path(hc.runtime.output_dir))  # submitit: ranks; a requeued job resumes
+        summary = finished or train(cfg, Path(hc.runtime.output_dir), group=group, overrides=hc.overrides.task,
               outputs_root=Path(hc.runtime.cwd) / "outputs", swept=swept)
     except (ConfigError, UnknownChoiceError, DatasetNotFoundError, OSError) as error:
         fail(error_line(error))
