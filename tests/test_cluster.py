@@ -211,7 +211,7 @@ def test_only_rank_zero_records_the_job(slurm, tmp_path):
 # End to end: signals to training processes
 
 
-def _wait_for_step(metrics: Path, step: int, proc, timeout: float = 180) -> None:
+def _wait_for_step(metrics: Path, step: int, proc, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         rows = metrics.read_text().splitlines() if metrics.is_file() else []
@@ -281,7 +281,7 @@ def test_submitit_local_requeues_a_preempted_job_and_it_resumes(tmp_path):
         cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(sweep / "0" / "metrics.jsonl", 3, launcher)
     os.kill(_submitit_task(sweep / ".submitit"), signal.SIGUSR2)
-    _, err = launcher.communicate(timeout=300)
+    _, err = launcher.communicate(timeout=600)
     assert launcher.returncode == 0, err[-2000:]
     log = (sweep / "0" / "train.log").read_text()
     stopped = int(log.split("stopped by SIGUSR2 at step ")[1].split(":")[0])
