@@ -211,7 +211,7 @@ def test_only_rank_zero_records_the_job(slurm, tmp_path):
 # End to end: signals to training processes
 
 
-def _wait_for_step(metrics: Path, step: int, proc, timeout: float = 180) -> None:
+def _wait_for_step(metrics: Path, step: int, proc, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         rows = metrics.read_text().splitlines() if metrics.is_file() else []
@@ -230,7 +230,7 @@ def _tensors(state):
 def test_preempted_job_started_again_continues_bit_identically(tmp_path):
     """SIGUSR2 (submitit's preemption signal) to a job's training process leaves last.pt; the same job started
     again (a requeue: same job id, same run dir, same command) continues from it to the same weights."""
-    steps = 60
+    steps = 100
     args = [*FAST, f"train.steps={steps}", "train.log_every=1", "train.checkpoint_every=100000",
             "train.sample_every=0", "model.dropout=0.1", f"hydra.run.dir={tmp_path / 'job'}"]
     env = {**ENV, "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1"}
@@ -274,14 +274,14 @@ def _submitit_task(folder: Path, timeout: float = 120) -> int:
 def test_submitit_local_requeues_a_preempted_job_and_it_resumes(tmp_path):
     """The whole chain with submitit's local executor: SIGUSR2 -> last.pt -> submitit's handler requeues the
     job (hydra-submitit-launcher's checkpoint()) -> the restarted task continues in the same run dir."""
-    steps, sweep = 60, tmp_path / "sweep"
+    steps, sweep = 100, tmp_path / "sweep"
     launcher = subprocess.Popen(
         [sys.executable, "-m", "diffusion_lab.train", "-m", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}",
          *FAST, f"train.steps={steps}", "train.log_every=1", "train.checkpoint_every=100000", "train.sample_every=0"],
         cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(sweep / "0" / "metrics.jsonl", 3, launcher)
     os.kill(_submitit_task(sweep / ".submitit"), signal.SIGUSR2)
-    _, err = launcher.communicate(timeout=300)
+    _, err = launcher.communicate(timeout=600)
     assert launcher.returncode == 0, err[-2000:]
     log = (sweep / "0" / "train.log").read_text()
     stopped = int(log.split("stopped by SIGUSR2 at step ")[1].split(":")[0])
