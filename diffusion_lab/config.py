@@ -106,6 +106,7 @@ RULES: Sequence[Rule] = (
     _rule("sampler.variance", str, _one_of("fixed_small", "fixed_large")),
     _rule("train.steps", int, _positive),
     _rule("train.batch_size", int, _positive),
+    _rule("train.grad_accum_steps", int, _positive),
     _rule("train.optimizer", str, _one_of("adam", "adamw")),
     _rule("train.lr", float, _positive),
     _rule("train.weight_decay", float, _non_negative),
@@ -164,6 +165,7 @@ def validate(cfg: DictConfig) -> None:
     _check_sampler_fits_schedule(cfg)
     _check_sampling(cfg)
     _check_lr_schedule(cfg)
+    _check_grad_accum(cfg)
 
 
 def _check_lr_schedule(cfg: DictConfig) -> None:
@@ -172,6 +174,17 @@ def _check_lr_schedule(cfg: DictConfig) -> None:
     name = OmegaConf.select(cfg, "train.lr_schedule", default=None)
     if name is not None and name not in LR_SCHEDULES:
         raise ConfigError(f"train.lr_schedule={name!r} must be one of {', '.join(LR_SCHEDULES.names())}")
+
+
+def _check_grad_accum(cfg: DictConfig) -> None:
+    from .optim import micro_batch_size
+
+    batch_size = OmegaConf.select(cfg, "train.batch_size", default=None)
+    if batch_size is not None:
+        try:
+            micro_batch_size(batch_size, OmegaConf.select(cfg, "train.grad_accum_steps", default=1))
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
 
 
 def _check_sampler_fits_schedule(cfg: DictConfig) -> None:
@@ -269,6 +282,14 @@ HYDRA_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "--info", "-i", "-
                "-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir", "--resolve", "-p", "--package"}
 
 
+def _interval_ends(override: Any) -> Optional[str]:
+    """`key=interval(a,b)` (an optimising sweeper's range, e.g. Optuna's) as `key=a,b`: both ends get checked."""
+    if not override.is_interval_sweep():
+        return None
+    interval = override.value()
+    return f"{override.get_key_element()}={interval.start},{interval.end}"
+
+
 def check_overrides(args: Sequence[str], config_name: str = "config") -> None:
     """Compose every job of a (multi)run command line and validate it; exit with one line on error."""
     from hydra import compose, initialize_config_dir
@@ -283,6 +304,7 @@ def check_overrides(args: Sequence[str], config_name: str = "config") -> None:
             parser.parse_overrides([text])
         except Exception as error:  # Hydra's OverrideParseException
             fail(f"cannot parse {text!r}: {_one_line(error)}")
+    texts = [_interval_ends(parser.parse_overrides([text])[0]) or text for text in texts]
     parsed = parser.parse_overrides(texts)
     multirun = any(a in ("-m", "--multirun") for a in args)
     problem = _check_added_group(parsed) or _check_group_choices(parsed) or _check_output_dir(parsed, "sweep" if multirun else "run")

@@ -25,7 +25,7 @@ from .ema import EMA
 from .fid_tracker import FIDTracker
 from .loggers import LOGGERS, sweep_group, sweep_tags, swept_keys
 from .models import count_parameters
-from .optim import TrainStep, build_optimizer
+from .optim import TrainStep, build_optimizer, micro_batch_size
 from .plots import denoising_trajectory, forward_diffusion, plot_curves, plot_loss
 from .registry import SCHEDULES, UnknownChoiceError
 from .samplers import Trajectory, num_evaluations
@@ -106,8 +106,8 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
         device = resolve_device(cfg.device)
         dataset = build_dataset(cfg)
         parts = build_components(cfg, device, dataset.image_size, dataset.channels)
-        loader = ResumableLoader(dataset, t.batch_size, cfg.seed, hflip=dataset.hflip,
-                                 num_workers=t.num_workers, device=device)
+        loader = ResumableLoader(dataset, micro_batch_size(t.batch_size, t.grad_accum_steps), cfg.seed,
+                                 hflip=dataset.hflip, num_workers=t.num_workers, device=device)
     except (ValueError, TypeError) as error:  # a builder refused the config: say it in one line
         raise ConfigError(str(error).splitlines()[0]) from error
     model, schedule, objective = parts.model, parts.schedule, parts.objective
@@ -118,7 +118,7 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
     ema = EMA(model, decay=t.ema_decay, warmup=t.ema_warmup)
     optimizer = build_optimizer(model.parameters(), t.optimizer, t.lr, t.betas, t.weight_decay, device)
     step_fn = TrainStep(model, optimizer, device, t.precision, t.grad_clip, t.warmup_steps, ema,
-                       lr_schedule=t.lr_schedule, total_steps=t.steps)
+                       lr_schedule=t.lr_schedule, total_steps=t.steps, grad_accum_steps=t.grad_accum_steps)
     forward = torch.compile(model) if t.compile else model
     noise_generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     fid = FIDTracker(cfg.eval, lambda split: dataset if split == "train" else build_dataset(cfg, split), device,
