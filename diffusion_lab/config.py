@@ -120,6 +120,7 @@ RULES: Sequence[Rule] = (
     _rule("train.num_grid_samples", int, _positive),
     _rule("train.checkpoint_every", int, _non_negative),
     _rule("train.max_bad_steps", int, _positive),
+    _rule("train.overfit_batches", int, _non_negative),
     _rule("eval.every", int, _non_negative),
     _rule("eval.num_samples", int, _positive),
     _rule("eval.batch_size", int, _positive),
@@ -225,7 +226,7 @@ def _check_group_choices(overrides: Sequence[Any]) -> Optional[str]:
         group = override.key_or_group
         if override.package is not None or "." in group or not (CONF_DIR / group).is_dir():
             continue
-        if group == "experiment" and override.value() is None:
+        if group in ("experiment", "debug") and override.value() is None:  # the two groups that default to null
             continue
         values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
         for value in values:
