@@ -45,6 +45,14 @@ def test_hydra_main_returns_the_best_fid_else_the_final_loss(tmp_path, fid):
     assert isinstance(objective, float)
 
 
+def test_the_optuna_sweeper_is_installed_and_minimises_by_default():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/sweeper=optuna"], return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    assert "Optuna" in cfg.hydra.sweeper._target_ and str(cfg.hydra.sweeper.direction).endswith("minimize")
+
+
 @pytest.mark.slow
 def test_optuna_sweep_minimises_the_returned_objective(tmp_path):
     sweep = tmp_path / "sweep"
