@@ -75,5 +75,10 @@ def build_components(cfg: DictConfig, device: torch.device, image_size: int, cha
 
 
 def build_dataset(cfg: DictConfig, split: str = "train"):
-    """The configured dataset's ``split``: ``train`` (what training reads) or ``test`` (held out)."""
-    return data.build_dataset(cfg.data.name, split=split, **params(cfg.data))
+    """The configured dataset's ``split``: ``train`` (what training reads; only its first
+    ``train.overfit_batches`` batches when that is set) or ``test`` (held out)."""
+    dataset = data.build_dataset(cfg.data.name, split=split, **params(cfg.data))
+    overfit_batches = OmegaConf.select(cfg, "train.overfit_batches", default=0)
+    if split == "train" and overfit_batches:
+        return data.FirstImages(dataset, overfit_batches * cfg.train.batch_size)
+    return dataset

@@ -106,6 +106,7 @@ RULES: Sequence[Rule] = (
     _rule("sampler.variance", str, _one_of("fixed_small", "fixed_large")),
     _rule("train.steps", int, _positive),
     _rule("train.batch_size", int, _positive),
+    _rule("train.grad_accum_steps", int, _positive),
     _rule("train.optimizer", str, _one_of("adam", "adamw")),
     _rule("train.lr", float, _positive),
     _rule("train.weight_decay", float, _non_negative),
@@ -119,6 +120,7 @@ RULES: Sequence[Rule] = (
     _rule("train.num_grid_samples", int, _positive),
     _rule("train.checkpoint_every", int, _non_negative),
     _rule("train.max_bad_steps", int, _positive),
+    _rule("train.overfit_batches", int, _non_negative),
     _rule("eval.every", int, _non_negative),
     _rule("eval.num_samples", int, _positive),
     _rule("eval.batch_size", int, _positive),
@@ -164,6 +166,7 @@ def validate(cfg: DictConfig) -> None:
     _check_sampler_fits_schedule(cfg)
     _check_sampling(cfg)
     _check_lr_schedule(cfg)
+    _check_grad_accum(cfg)
 
 
 def _check_lr_schedule(cfg: DictConfig) -> None:
@@ -172,6 +175,17 @@ def _check_lr_schedule(cfg: DictConfig) -> None:
     name = OmegaConf.select(cfg, "train.lr_schedule", default=None)
     if name is not None and name not in LR_SCHEDULES:
         raise ConfigError(f"train.lr_schedule={name!r} must be one of {', '.join(LR_SCHEDULES.names())}")
+
+
+def _check_grad_accum(cfg: DictConfig) -> None:
+    from .optim import micro_batch_size
+
+    batch_size = OmegaConf.select(cfg, "train.batch_size", default=None)
+    if batch_size is not None:
+        try:
+            micro_batch_size(batch_size, OmegaConf.select(cfg, "train.grad_accum_steps", default=1))
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
 
 
 def _check_sampler_fits_schedule(cfg: DictConfig) -> None:
@@ -214,7 +228,7 @@ def _check_group_choices(overrides: Sequence[Any]) -> Optional[str]:
             continue
         if group.startswith("hydra/"):  # also holds the plugins' configs (hydra/launcher=joblib): Hydra checks them
             continue
-        if group == "experiment" and override.value() is None:
+        if group in ("experiment", "debug") and override.value() is None:  # the two groups that default to null
             continue
         values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
         for value in values:
@@ -271,6 +285,14 @@ HYDRA_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "--info", "-i", "-
                "-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir", "--resolve", "-p", "--package"}
 
 
+def _interval_ends(override: Any) -> Optional[str]:
+    """`key=interval(a,b)` (an optimising sweeper's range, e.g. Optuna's) as `key=a,b`: both ends get checked."""
+    if not override.is_interval_sweep():
+        return None
+    interval = override.value()
+    return f"{override.get_key_element()}={interval.start},{interval.end}"
+
+
 def check_overrides(args: Sequence[str], config_name: str = "config") -> None:
     """Compose every job of a (multi)run command line and validate it; exit with one line on error."""
     from hydra import compose, initialize_config_dir
@@ -285,6 +307,7 @@ def check_overrides(args: Sequence[str], config_name: str = "config") -> None:
             parser.parse_overrides([text])
         except Exception as error:  # Hydra's OverrideParseException
             fail(f"cannot parse {text!r}: {_one_line(error)}")
+    texts = [_interval_ends(parser.parse_overrides([text])[0]) or text for text in texts]
     parsed = parser.parse_overrides(texts)
     multirun = any(a in ("-m", "--multirun") for a in args)
     problem = _check_added_group(parsed) or _check_group_choices(parsed) or _check_output_dir(parsed, "sweep" if multirun else "run")

@@ -97,6 +97,27 @@ class TransformImageDataset(ImageDataset):
         return item[0] if isinstance(item, (tuple, list)) else item
 
 
+class FirstImages(ImageDataset):
+    """The first ``n`` images of ``base`` (its ``images`` and ``labels`` cut to match), never flipped: one fixed
+    set of pixels to overfit (``train.overfit_batches``)."""
+
+    def __init__(self, base: ImageDataset, n: int):
+        super().__init__(base.name, base.channels, base.image_size, hflip=False, split=base.split)
+        self.base, self.n = base, min(int(n), len(base))  # type: ignore[arg-type]
+        for attribute in ("images", "labels"):
+            value = getattr(base, attribute, None)
+            if isinstance(value, torch.Tensor):
+                setattr(self, attribute, value[: self.n])
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> Any:
+        if not -self.n <= index < self.n:
+            raise IndexError(f"index {index} out of range for {self.n} images")
+        return self.base[index % self.n]
+
+
 class _ImageFiles(Dataset):
     def __init__(self, files: Sequence[Path], mode: str, transform: Any):
         self.files = list(files)

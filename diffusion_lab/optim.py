@@ -65,8 +65,17 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def micro_batch_size(batch_size: int, grad_accum_steps: int) -> int:
+    """Images per forward pass when `batch_size` images make one optimizer step in `grad_accum_steps` parts."""
+    if grad_accum_steps < 1 or batch_size % grad_accum_steps:
+        raise ValueError(f"train.batch_size={batch_size} must be a multiple of train.grad_accum_steps={grad_accum_steps}")
+    return batch_size // grad_accum_steps
+
+
 class TrainStep:
-    """loss_fn() under autocast -> (scaled) backward -> unscale -> clip -> optimizer step -> lr schedule -> EMA."""
+    """loss_fn() under autocast -> (scaled) backward, `grad_accum_steps` times -> unscale -> clip -> optimizer step
+    -> lr schedule -> EMA. Each backward takes loss / k, so the summed gradient is that of the mean loss over the
+    k micro-batches: exactly one step on a k times larger batch."""
 
     def __init__(
         self,
@@ -79,7 +88,11 @@ class TrainStep:
         ema: Optional[EMA] = None,
         lr_schedule: str = "constant",
         total_steps: int = 0,
+        grad_accum_steps: int = 1,
     ):
+        if grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+        self.grad_accum_steps = grad_accum_steps
         self.model, self.optimizer, self.ema = model, optimizer, ema
         self.device = torch.device(device)
         self.dtype = autocast_dtype(precision, self.device)
@@ -93,15 +106,20 @@ class TrainStep:
         )
 
     def __call__(self, loss_fn: Callable[[], torch.Tensor]) -> Tuple[float, float]:
-        """Run one step; returns (loss, gradient norm before clipping).
+        """Run one optimizer step on `grad_accum_steps` calls of loss_fn (each draws its own micro-batch);
+        returns (mean loss, gradient norm before clipping).
 
-        A non-finite loss or gradient skips the update (optimizer, warm-up and EMA stay put, `skipped`
-        is True); with fp16 the gradient scaler lowers its scale.
+        A non-finite loss or gradient in any micro-batch skips the update (optimizer, warm-up and EMA stay put,
+        `skipped` is True); with fp16 the gradient scaler lowers its scale.
         """
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            loss = loss_fn()
-        self.scaler.scale(loss).backward()
+        losses = []
+        for _ in range(self.grad_accum_steps):
+            with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+                micro_loss = loss_fn()
+            self.scaler.scale(micro_loss / self.grad_accum_steps).backward()  # grads add up to those of the mean
+            losses.append(micro_loss.detach().float())
+        loss = torch.stack(losses).mean()
         self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)

@@ -30,7 +30,7 @@ from .ema import EMA
 from .fid_tracker import FIDTracker
 from .loggers import sweep_group, sweep_tags, swept_keys
 from .models import count_parameters
-from .optim import TrainStep, build_optimizer
+from .optim import TrainStep, build_optimizer, micro_batch_size
 from .outputs import Outputs, run_name
 from .plots import denoising_trajectory, forward_diffusion, plot_curves, plot_loss
 from .registry import SCHEDULES, UnknownChoiceError
@@ -129,8 +129,9 @@ def build_data(cfg: DictConfig, ranks: Ranks, device: torch.device) -> tuple:
     try:
         dataset = build_dataset(cfg)
         parts = build_components(cfg, device, dataset.image_size, dataset.channels)
-        loader = ResumableLoader(dataset, t.batch_size, cfg.seed, hflip=dataset.hflip, num_workers=t.num_workers,
-                                 device=device, rank=ranks.rank, world_size=ranks.world_size)
+        loader = ResumableLoader(dataset, micro_batch_size(t.batch_size, t.grad_accum_steps), cfg.seed,
+                                 hflip=dataset.hflip, num_workers=t.num_workers, device=device, rank=ranks.rank,
+                                 world_size=ranks.world_size)
     except (ValueError, TypeError) as error:
         raise ConfigError(str(error).splitlines()[0]) from error
     return dataset, parts, loader
@@ -148,7 +149,7 @@ def build(cfg: DictConfig, ranks: Ranks, device: torch.device) -> Run:
     ema = EMA(model, decay=t.ema_decay, warmup=t.ema_warmup)
     optimizer = build_optimizer(model.parameters(), t.optimizer, t.lr, t.betas, t.weight_decay, device)
     step_fn = TrainStep(model, optimizer, device, t.precision, t.grad_clip, t.warmup_steps, ema,
-                       lr_schedule=t.lr_schedule, total_steps=t.steps)
+                       lr_schedule=t.lr_schedule, total_steps=t.steps, grad_accum_steps=t.grad_accum_steps)
     net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if ranks.active else model
     fid = FIDTracker(cfg.eval, lambda split: dataset if split == "train" else build_dataset(cfg, split), device,
                      seed=cfg.seed)

@@ -65,6 +65,8 @@ CASES = [  # (command, arguments with {name} filled from `files`, a piece of the
     (TRAIN, ["train.betas=[0.9]"], "train.betas"),
     (TRAIN, ["train.max_bad_steps=0"], "train.max_bad_steps=0 must be > 0"),
     (TRAIN, ["train.lr_schedule=step"], "train.lr_schedule='step' must be one of constant, cosine, linear"),
+    (TRAIN, ["train.grad_accum_steps=0"], "train.grad_accum_steps=0 must be > 0"),
+    (TRAIN, ["train.grad_accum_steps=3"], "train.batch_size=16 must be a multiple of train.grad_accum_steps=3"),
     (TRAIN, ["sampler.steps=5000"], "sampler.steps=5000 must be <= schedule.noise_steps=1000"),
     (TRAIN, ["schedule.noise_steps=1"], "schedule.noise_steps=1 must be >= 2"),
     (TRAIN, ["device=gpu0"], "device='gpu0' must be"),

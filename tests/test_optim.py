@@ -52,3 +52,104 @@ def test_the_schedule_resumes_where_it_stopped():
     second = make_step("cosine")
     second.load_state_dict(first.state_dict())
     assert head + run_steps(second, TOTAL - 6) == pytest.approx(whole, rel=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# Gradient accumulation: k micro-batches of B/k are one step on a batch of B.
+
+B, K, STEPS = 8, 4, 3
+
+
+def tiny_unet_step(grad_accum_steps: int, optimizer: str, grad_clip: float, seed: int = 0) -> TrainStep:
+    """The real base U-Net (tiny, float64 so rounding cannot hide a difference) with an EMA."""
+    from diffusion_lab.ema import EMA
+    from diffusion_lab.models.unet import DiffusionModel
+
+    torch.manual_seed(seed)
+    model = DiffusionModel(image_size=8, channels=1, hidden_dims=(8, 16), time_dim=16, num_heads=2,
+                           norm_groups=4).double()
+    opt = (torch.optim.SGD(model.parameters(), lr=0.1) if optimizer == "sgd"
+           else build_optimizer(model.parameters(), "adamw", 1e-2))
+    return TrainStep(model, opt, "cpu", "fp32", grad_clip=grad_clip, warmup_steps=2, ema=EMA(model, decay=0.9),
+                     lr_schedule="cosine", total_steps=STEPS, grad_accum_steps=grad_accum_steps)
+
+
+def fixed_batches() -> list:
+    """STEPS batches of (x0, t, eps) for the eps loss on the linear schedule: the same data and noise for both runs."""
+    g = torch.Generator().manual_seed(1)
+    return [(torch.rand(B, 1, 8, 8, generator=g, dtype=torch.float64) * 2 - 1,
+             torch.randint(0, 1000, (B,), generator=g), torch.randn(B, 1, 8, 8, generator=g, dtype=torch.float64))
+            for _ in range(STEPS)]
+
+
+def train_on(step: TrainStep, batches: list, chunks: int) -> list:
+    """Run one optimizer step per batch, each fed to loss_fn as `chunks` consecutive slices; returns (loss, norm)s."""
+    from diffusion_lab.build import OBJECTIVES, SCHEDULES
+
+    schedule, objective = SCHEDULES.build("linear").to(torch.float64), OBJECTIVES.build("eps")
+    pieces = iter([tuple(part.chunk(chunks)[i] for part in batch) for batch in batches for i in range(chunks)])
+
+    def loss_fn():
+        x0, t, eps = next(pieces)
+        x_t, _ = schedule.add_noise(x0, t, eps)
+        return objective.loss(step.model(x_t, t), x0, eps, schedule, t)
+
+    return [step(loss_fn) for _ in batches]
+
+
+@pytest.mark.parametrize("optimizer,grad_clip", [("sgd", 0.0), ("adamw", 0.05)])
+@pytest.mark.usefixtures("one_thread")
+def test_k_micro_batches_give_the_weights_of_one_batch_k_times_larger(optimizer, grad_clip):
+    batches = fixed_batches()
+    whole, parts = tiny_unet_step(1, optimizer, grad_clip), tiny_unet_step(K, optimizer, grad_clip)
+    whole_log, parts_log = train_on(whole, batches, 1), train_on(parts, batches, K)
+    flat = lambda log: [value for pair in log for value in pair]  # noqa: E731
+    assert flat(parts_log) == pytest.approx(flat(whole_log), rel=1e-6)  # mean loss, pre-clip norm (as float32)
+    if grad_clip:
+        assert all(norm > grad_clip for _, norm in whole_log)  # the clip really acted
+    for a, b in zip([*whole.model.parameters(), *whole.ema.module.parameters()],
+                    [*parts.model.parameters(), *parts.ema.module.parameters()]):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    assert parts.lr == pytest.approx(whole.lr) and parts.lr_scheduler.last_epoch == STEPS
+    start = tiny_unet_step(1, optimizer, grad_clip)
+    assert max((p - q).abs().max().item() for p, q in zip(start.model.parameters(), whole.model.parameters())) > 1e-4
+
+
+def test_a_non_finite_micro_batch_skips_the_whole_step():
+    batches = fixed_batches()[:1]
+    batches[0][0][B - 1] = float("nan")  # only the last micro-batch holds the bad image
+    step = tiny_unet_step(K, "adamw", 1.0)
+    before = [p.detach().clone() for p in step.model.parameters()]
+    loss, _ = train_on(step, batches, K)[0]
+    assert step.skipped and not math.isfinite(loss)
+    assert all(torch.equal(p, q) for p, q in zip(before, step.model.parameters()))
+    assert step.lr_scheduler.last_epoch == 0 and step.ema.num_updates == 0
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_loss_scaler_scales_every_micro_batch_and_unscales_once():
+    """A loss scale (fp16's GradScaler, here on the CPU) must not change the update; a NaN lowers it."""
+    batches = fixed_batches()
+    plain, scaled = tiny_unet_step(K, "sgd", 0.0), tiny_unet_step(K, "sgd", 0.0)
+    for step in (plain, scaled):
+        step.model.float()
+        step.ema = None
+    scaled.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    batches = [tuple(part.float() if part.is_floating_point() else part for part in batch) for batch in batches]
+    scaled_log, plain_log = train_on(scaled, batches, K), train_on(plain, batches, K)
+    assert [v for pair in scaled_log for v in pair] == pytest.approx([v for pair in plain_log for v in pair], rel=1e-5)
+    for a, b in zip(plain.model.parameters(), scaled.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    batches[0][0][0] = float("nan")
+    train_on(scaled, batches[:1], K)
+    assert scaled.skipped and scaled.scaler.get_scale() == 2.0 ** 11
+
+
+def test_grad_accum_steps_must_divide_the_batch():
+    from diffusion_lab.optim import micro_batch_size
+
+    assert micro_batch_size(128, 4) == 32
+    with pytest.raises(ValueError, match="multiple"):
+        micro_batch_size(10, 4)
+    with pytest.raises(ValueError, match=">= 1"):
+        tiny_unet_step(0, "sgd", 0.0)

@@ -250,3 +250,12 @@ def test_cli_ctrl_c_writes_a_checkpoint_and_exits_cleanly(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["interrupted"] and summary["steps"] == state["step"]
     assert "train.resume=" in out
+
+
+def test_grad_accum_reads_the_batch_in_parts_and_counts_whole_batches(tmp_path):
+    """train.batch_size stays the images per optimizer step: 6 steps of 16 in 2 parts read 12 micro-batches of 8."""
+    summary = train(compose_config(TINY + ["logger=none", "eval.every=0", "train.grad_accum_steps=2"]), tmp_path)
+    state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    assert summary["steps"] == 6 and state["data"] == {"epoch": 0, "index": 12}
+    epochs = [r["epoch"] for r in read_metrics(tmp_path / "metrics.jsonl")]
+    assert epochs == pytest.approx([s * 16 / summary["dataset_size"] for s in (2, 4, 6)])
