@@ -100,6 +100,7 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
         self.grad_clip = grad_clip
         self.skipped = False  # whether the last call skipped its update (non-finite loss or gradient)
+        self.last_lr: Optional[float] = None  # the learning rate of the last call
         decay = LR_SCHEDULES.get(lr_schedule)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, decay)
@@ -113,6 +114,7 @@ class TrainStep:
         `skipped` is True); with fp16 the gradient scaler lowers its scale.
         """
         self.optimizer.zero_grad(set_to_none=True)
+        self.last_lr = self.lr  # what this step uses (logged; `lr` moves on to the next step's)
         losses = []
         for _ in range(self.grad_accum_steps):
             with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
@@ -136,6 +138,7 @@ class TrainStep:
 
     @property
     def lr(self) -> float:
+        """The learning rate the next step will use."""
         return self.optimizer.param_groups[0]["lr"]
 
     def state_dict(self) -> dict:

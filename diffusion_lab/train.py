@@ -252,7 +252,7 @@ class Loop:
 
     def log_point(self, bar: progress.Progress) -> None:
         """Mean loss over the window (and over the ranks), learning rate, grad norm and throughput."""
-        w, t, step, lr = self.window, self.t, self.state.step, self.run.step_fn.lr
+        w, t, step, lr = self.window, self.t, self.state.step, self.run.step_fn.last_lr
         mean_loss = self.run.ranks.mean(w.loss / w.n)
         images_per_s = w.n * t.batch_size / w.seconds
         self.train_seconds += w.seconds

@@ -153,3 +153,10 @@ def test_grad_accum_steps_must_divide_the_batch():
         micro_batch_size(10, 4)
     with pytest.raises(ValueError, match=">= 1"):
         tiny_unet_step(0, "sgd", 0.0)
+
+
+def test_last_lr_is_the_lr_the_step_used():
+    """What training logs: at the last step of a decay the lr used is > 0 (the next one would be 0)."""
+    step = make_step("linear")
+    used = run_steps(step, TOTAL)
+    assert step.last_lr == used[-1] > 0 and step.lr == pytest.approx(0.0, abs=1e-15)

@@ -328,7 +328,7 @@ def test_checkpoint_is_written_before_the_sample_grid(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("change,needle", [
-    ("schedule=cosine", "schedule.name: linear -> cosine"),
+    ("schedule=linear", "schedule.name: cosine -> linear"),
     ("objective=v", "objective.name: eps -> v"),
     ("train.batch_size=8", "train.batch_size: 16 -> 8"),
     ("model.hidden_dims=[16,16]", "model.hidden_dims"),

@@ -62,14 +62,14 @@ def test_terminal_signal_threshold_refuses_in_one_line():
     assert terminal_signal(allowed) == pytest.approx(0.60, abs=0.01)
     with pytest.raises(ValueError, match="beta_end \\* 1000/T = 2 >= 1"):
         linear(noise_steps=10)
-    cfg = compose_config(["schedule.beta_end=0.002", "schedule.noise_steps=100"])
+    cfg = compose_config(["schedule=linear", "schedule.beta_end=0.002", "schedule.noise_steps=100"])
     with pytest.raises(ConfigError, match="max_terminal_signal"):
         validate(cfg)
 
 
 @pytest.mark.slow
 def test_terminal_signal_refusal_on_the_command_line(tmp_path):
-    result = run_cli("diffusion_lab.train", ["schedule.beta_end=0.002", "schedule.noise_steps=100", "logger=none"],
+    result = run_cli("diffusion_lab.train", ["schedule=linear", "schedule.beta_end=0.002", "schedule.noise_steps=100", "logger=none"],
                      tmp_path)
     assert result.returncode != 0
     assert result.stderr.strip().startswith("error: schedule leaves sqrt(alpha_bar) =")

@@ -121,8 +121,9 @@ def test_checkpoint_holds_everything_to_continue(tiny_run):
 
 
 def test_resume_continues_exactly(tmp_path):
-    """6 steps straight == 3 steps, then resume to 6: same losses, same weights, same optimizer state."""
-    base = TINY + ["logger=none", "eval.every=0"]
+    """6 steps straight == 3 steps, then resume to 6: same losses, same weights, same optimizer state.
+    (A constant lr: a decaying schedule ends at train.steps, so a 3-step run decays on a different clock.)"""
+    base = TINY + ["logger=none", "eval.every=0", "train.lr_schedule=constant"]
     straight = train(compose_config(base), tmp_path / "straight")
     train(compose_config([o for o in base if not o.startswith("train.steps")] + ["train.steps=3"]), tmp_path / "a")
     resumed = train(compose_config(base + [f"train.resume={tmp_path / 'a' / 'checkpoints' / 'last.pt'}"]),
@@ -147,7 +148,7 @@ def test_resume_auto_finds_matching_run(tmp_path):
     summary = train(cfg, tmp_path / "outputs" / "second", outputs_root=tmp_path / "outputs")
     state = checkpoint.load(tmp_path / "outputs" / "second" / "checkpoints" / "last.pt")
     assert summary["steps"] == 4 and [s for s, _ in state["loss_history"]] == [2, 3, 4]
-    other = compose_config(base + ["schedule=cosine", "train.resume=auto"])
+    other = compose_config(base + ["schedule=linear", "train.resume=auto"])
     assert checkpoint.find_resumable(other, [tmp_path / "outputs"]) is None, "a different schedule is not resumed"
 
 
