@@ -158,7 +158,7 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
     batches = iter(loader)
 
     def loss_fn() -> torch.Tensor:
-        x0 = next(batches)
+        x0, y = next(batches)
         t_batch = schedule.sample_timesteps(x0.shape[0], device, noise_generator)
         eps = torch.randn(x0.shape, generator=noise_generator, device=device)
         x_t, _ = schedule.add_noise(x0, t_batch, eps)
