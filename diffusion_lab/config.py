@@ -104,6 +104,9 @@ RULES: Sequence[Rule] = (
     _rule("sampler.eta", float, _closed_unit),
     _rule("sampler.snr", float, _non_negative),
     _rule("sampler.variance", str, _one_of("fixed_small", "fixed_large")),
+    _rule("sampler.guidance_scale", float, _non_negative),
+    _rule("sampler.guidance_rescale", float, _closed_unit),
+    _rule("train.cond_drop_prob", float, _closed_unit),
     _rule("train.steps", int, _positive),
     _rule("train.batch_size", int, _positive),
     _rule("train.optimizer", str, _one_of("adam", "adamw")),
@@ -163,6 +166,18 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.resume={resume!r} must be auto, an existing checkpoint file or a run dir with one")
     _check_sampler_fits_schedule(cfg)
     _check_sampling(cfg)
+    _check_num_classes(cfg)
+
+
+def _check_num_classes(cfg: DictConfig) -> None:
+    """model.num_classes is null, auto or a positive count (whether the data has labels is checked on building)."""
+    from .conditioning import resolve_num_classes
+
+    value = OmegaConf.select(cfg, "model.num_classes", default=None)
+    try:
+        resolve_num_classes(value, 1)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(str(error)) from error
 
 
 def _check_sampler_fits_schedule(cfg: DictConfig) -> None:

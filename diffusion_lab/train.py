@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint, preemption, progress, run_dir as run_dirs
 from .build import build_components, build_dataset, params, resolve_device
+from .conditioning import balanced_labels, class_grid, training_labels
 from .config import CONF_DIR, HYDRA_FLAGS, ConfigError, check_overrides, error_line, fail, validate
 from .data import DatasetNotFoundError, ResumableLoader, save_grid
 from .ema import EMA
@@ -105,7 +106,7 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
     try:
         device = resolve_device(cfg.device)
         dataset = build_dataset(cfg)
-        parts = build_components(cfg, device, dataset.image_size, dataset.channels)
+        parts = build_components(cfg, device, dataset.image_size, dataset.channels, dataset.num_classes)
         loader = ResumableLoader(dataset, t.batch_size, cfg.seed, hflip=dataset.hflip,
                                  num_workers=t.num_workers, device=device)
     except (ValueError, TypeError) as error:  # a builder refused the config: say it in one line
@@ -162,10 +163,12 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
         t_batch = schedule.sample_timesteps(x0.shape[0], device, noise_generator)
         eps = torch.randn(x0.shape, generator=noise_generator, device=device)
         x_t, _ = schedule.add_noise(x0, t_batch, eps)
-        return objective.loss(forward(x_t, t_batch), x0, eps, schedule, t_batch)
+        cond = training_labels(model, y, t.cond_drop_prob, noise_generator)  # {} unconditional, else {"y": ...}
+        return objective.loss(forward(x_t, t_batch, **cond), x0, eps, schedule, t_batch)
 
-    def generate(x_T: torch.Tensor, seed: int) -> torch.Tensor:
-        return parts.sampler(ema.module, schedule, objective, x_T.to(device),
+    def generate(x_T: torch.Tensor, seed: int, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        y = balanced_labels(model, x_T.shape[0], device) if y is None else y  # None for an unconditional model
+        return parts.sampler(ema.module, schedule, objective, x_T.to(device), y=y,
                              generator=torch.Generator(device=device).manual_seed(seed))
 
     def save_state(path: Path) -> tuple:
@@ -181,7 +184,9 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
 
     def sample_grid() -> Path:
         path = grid_dir / f"step_{step:07d}.png"
-        save_grid(generate(grid_noise, cfg.seed), path)
+        labels, per_class = class_grid(model, len(grid_noise), device)  # one row per class when conditional
+        noise = grid_noise if labels is None else grid_noise[:len(labels)]
+        save_grid(generate(noise, cfg.seed, labels), path, nrow=per_class)
         logger.log_images({"samples": path}, step)
         return path
 
