@@ -82,6 +82,7 @@ RULES: Sequence[Rule] = (
     _rule("seed", int, _non_negative),
     _rule("device", str, _device),
     _rule("num_samples", int, _positive),
+    _rule("per_class", int, _positive),
     _rule("batch_size", int, _positive),
     _rule("data.image_size", int, _positive),
     _rule("data.channels", int, _one_of(1, 3)),

@@ -15,7 +15,7 @@ Two optional refinements, off by default:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -95,10 +95,3 @@ class GuidedSampler:
             model = GuidedModel(model, y, self.guidance)
         return self.sampler(model, schedule, objective, x_T, **runtime)
 
-
-def sweep_values(values: Sequence[float]) -> Sequence[float]:
-    """Guidance scales of an ``evaluate`` sweep, each >= 0."""
-    bad = [w for w in values if w < 0]
-    if bad:
-        raise ValueError(f"guidance scales must be >= 0, got {bad[0]}")
-    return [float(w) for w in values]
