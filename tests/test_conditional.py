@@ -57,7 +57,7 @@ def test_guidance_sweep_trains_compares_samples_and_evaluates(tmp_path):
     tiny = [o for o in TINY if not o.startswith(("eval.every", "train.steps"))]
     result = run_cli("diffusion_lab.train", ["-m", "sampler.guidance_scale=0,2", "train.cond_drop_prob=0.1,0.2",
                                              "model.num_classes=auto", "logger=none", "train.steps=3", "eval.every=3",
-                                             f"hydra.sweep.dir={sweep}", *tiny], cwd=tmp_path)
+                                             f"hydra.sweep.dir={sweep}", *tiny], cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert len(jobs) == 4 and all((j / "samples" / "step_0000003.png").is_file() for j in jobs)

@@ -107,7 +107,7 @@ def test_w0_is_unconditional_sampling_for_every_sampler(schedule, name):
     torch.testing.assert_close(guided, plain, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name,allowance", [("dpm_solver", 0.03), ("heun", 0.03), ("euler_ancestral", 0.05)])
+@pytest.mark.parametrize("name,allowance", [("dpm_solver", 0.03), ("heun", 0.03)])
 def test_conditional_sampling_reproduces_each_class(schedule, name, allowance):
     """w = 1: the samples of label k have component k's mean and std (5 standard errors plus a discretisation
     allowance on the std, the size the unconditional tests of these samplers need)."""
