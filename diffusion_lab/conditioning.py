@@ -62,10 +62,11 @@ def balanced_labels(model: torch.nn.Module, n: int, device: Any = "cpu") -> Opti
 
 
 def class_grid(model: torch.nn.Module, n: int, device: Any = "cpu") -> Tuple[Optional[torch.Tensor], Optional[int]]:
-    """Labels of a sample grid of at most n images with one row per class, and the row length:
+    """Labels of a sample grid of at most n images with one row per class (per class shown), and the row length:
     (labels [K * per_class] = 0,..,0, 1,..,1, .., per_class); (None, None) for an unconditional model."""
     num_classes = getattr(model, "num_classes", None)
     if num_classes is None:
         return None, None
     per_class = max(1, n // num_classes)
-    return torch.arange(num_classes, device=device).repeat_interleave(per_class), per_class
+    classes = torch.arange(min(num_classes, n), device=device)  # fewer images than classes: the first n classes
+    return classes.repeat_interleave(per_class), per_class
