@@ -3,12 +3,12 @@ objective and sampler config nodes into objects."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import data, models, objectives, samplers, schedules  # noqa: F401  (registers components)
+from . import conditioning, data, models, objectives, samplers, schedules  # noqa: F401  (registers components)
 from .objectives import Objective
 from .registry import MODELS, OBJECTIVES, SCHEDULES
 from .schedules import NoiseSchedule
@@ -44,8 +44,12 @@ def build_objective(cfg: DictConfig) -> Objective:
     return OBJECTIVES.build(cfg.objective.name, **params(cfg.objective))
 
 
-def build_model(cfg: DictConfig, image_size: int, channels: int) -> torch.nn.Module:
-    return MODELS.build(cfg.model.name, image_size=image_size, channels=channels, **params(cfg.model))
+def build_model(cfg: DictConfig, image_size: int, channels: int, data_classes: Optional[int] = None) -> torch.nn.Module:
+    """The configured model; ``model.num_classes=auto`` becomes ``data_classes`` (the dataset's class count)."""
+    values = params(cfg.model)
+    if "num_classes" in values:  # configs saved before class conditioning have no such key
+        values["num_classes"] = conditioning.resolve_num_classes(values["num_classes"], data_classes)
+    return MODELS.build(cfg.model.name, image_size=image_size, channels=channels, **values)
 
 
 def build_sampler(cfg: DictConfig) -> Callable[..., torch.Tensor]:
@@ -63,10 +67,14 @@ class Components:
     image_shape: tuple  # (channels, image_size, image_size)
 
 
-def build_components(cfg: DictConfig, device: torch.device, image_size: int, channels: int) -> Components:
-    """Model, schedule, objective and sampler for images of (channels, image_size, image_size)."""
+def build_components(cfg: DictConfig, device: torch.device, image_size: int, channels: int,
+                     data_classes: Optional[int] = None) -> Components:
+    """Model, schedule, objective and sampler for images of (channels, image_size, image_size) whose data has
+    ``data_classes`` classes (None: unlabelled); a conditional model must be able to embed every label."""
+    model = build_model(cfg, image_size, channels, data_classes)
+    conditioning.check_data(getattr(model, "num_classes", None), data_classes, cfg.data.name)
     return Components(
-        model=build_model(cfg, image_size, channels).to(device),
+        model=model.to(device),
         schedule=build_schedule(cfg).to(device),
         objective=build_objective(cfg),
         sampler=build_sampler(cfg),

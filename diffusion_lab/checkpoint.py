@@ -26,6 +26,10 @@ from .config import ConfigError
 RESUME_FREE_KEYS = ("train.steps", "train.resume", "train.log_every", "train.sample_every",
                     "train.checkpoint_every", "train.max_bad_steps", "eval", "logger", "device", "run_name")
 REQUIRED_KEYS = ("step", "model", "train_step", "config", "image_shape")
+# Keys added after checkpoints were first written, with the value that reproduces the runs saved before them
+# (unconditional, unguided): a saved config without such a key compares as if it held this value.
+ADDED_KEYS = {"model.num_classes": None, "train.cond_drop_prob": 0.1, "sampler.guidance_scale": 1.0,
+              "sampler.guidance_interval": None, "sampler.guidance_rescale": 0.0}
 
 # Checkpoints written before RNG states were stored as tensors hold numpy's MT19937 state as an
 # ndarray. These are exactly the numpy globals that unpickling a uint32 ndarray needs; the
@@ -208,6 +212,9 @@ def _flat(config: Any, prefix: str = "") -> Dict[str, Any]:
 def config_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
     """`key: saved -> current` for every value (rhythm keys aside) that differs between two configs."""
     old, new = _flat(_comparable(saved)), _flat(_comparable(current))
+    for key, value in ADDED_KEYS.items():
+        if key + "." in new:
+            old.setdefault(key + ".", value)
     missing = "<unset>"
     return [f"{key.rstrip('.')}: {old.get(key, missing)} -> {new.get(key, missing)}"
             for key in sorted(set(old) | set(new)) if old.get(key, missing) != new.get(key, missing)]

@@ -82,6 +82,7 @@ RULES: Sequence[Rule] = (
     _rule("seed", int, _non_negative),
     _rule("device", str, _device),
     _rule("num_samples", int, _positive),
+    _rule("per_class", int, _positive),
     _rule("batch_size", int, _positive),
     _rule("data.image_size", int, _positive),
     _rule("data.channels", int, _one_of(1, 3)),
@@ -104,6 +105,9 @@ RULES: Sequence[Rule] = (
     _rule("sampler.eta", float, _closed_unit),
     _rule("sampler.snr", float, _non_negative),
     _rule("sampler.variance", str, _one_of("fixed_small", "fixed_large")),
+    _rule("sampler.guidance_scale", float, _non_negative),
+    _rule("sampler.guidance_rescale", float, _closed_unit),
+    _rule("train.cond_drop_prob", float, _closed_unit),
     _rule("train.steps", int, _positive),
     _rule("train.batch_size", int, _positive),
     _rule("train.grad_accum_steps", int, _positive),
@@ -167,6 +171,7 @@ def validate(cfg: DictConfig) -> None:
     _check_sampling(cfg)
     _check_lr_schedule(cfg)
     _check_grad_accum(cfg)
+    _check_num_classes(cfg)
 
 
 def _check_lr_schedule(cfg: DictConfig) -> None:
@@ -186,6 +191,17 @@ def _check_grad_accum(cfg: DictConfig) -> None:
             micro_batch_size(batch_size, OmegaConf.select(cfg, "train.grad_accum_steps", default=1))
         except ValueError as error:
             raise ConfigError(str(error)) from error
+
+
+def _check_num_classes(cfg: DictConfig) -> None:
+    """model.num_classes is null, auto or a positive count (whether the data has labels is checked on building)."""
+    from .conditioning import resolve_num_classes
+
+    value = OmegaConf.select(cfg, "model.num_classes", default=None)
+    try:
+        resolve_num_classes(value, 1)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(str(error)) from error
 
 
 def _check_sampler_fits_schedule(cfg: DictConfig) -> None:

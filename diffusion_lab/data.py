@@ -1,9 +1,10 @@
 """Datasets (images as float [C,H,W] in [-1, 1]), an exactly resumable batch stream, and image helpers.
 
 Every dataset builder is registered in ``DATASETS`` and returns an ``ImageDataset``: a
-``torch.utils.data.Dataset`` whose items are image tensors only (no labels) and which carries
-``.name``, ``.split``, ``.channels``, ``.image_size`` and ``.hflip`` (whether random horizontal flips
-make sense). Every builder takes ``split``: ``train`` (what training reads) or ``test`` (held out, the
+``torch.utils.data.Dataset`` whose items are image tensors only and which carries
+``.name``, ``.split``, ``.channels``, ``.image_size``, ``.hflip`` (whether random horizontal flips
+make sense) and, for labelled data, ``.labels`` (LongTensor [N] of class indices) and ``.num_classes``
+(both None for unlabelled data). Every builder takes ``split``: ``train`` (what training reads) or ``test`` (held out, the
 default FID reference): digits a seeded class-stratified split, CIFAR-10 the official one, a folder its
 ``val/`` subfolder or a seeded fraction of its files.
 """
@@ -14,7 +15,7 @@ import math
 import os
 import socket
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -47,14 +48,17 @@ def _one_line(text: object) -> str:
 
 
 class ImageDataset(Dataset):
-    """Base class: items are image tensors [C,H,W] in [-1, 1]."""
+    """Base class: items are image tensors [C,H,W] in [-1, 1]; ``labels`` [N] and ``num_classes`` when labelled."""
 
-    def __init__(self, name: str, channels: int, image_size: int, hflip: bool, split: str = "train"):
+    def __init__(self, name: str, channels: int, image_size: int, hflip: bool, split: str = "train",
+                 labels: Optional[Sequence[int]] = None, num_classes: Optional[int] = None):
         self.name = name
         self.split = split
         self.channels = int(channels)
         self.image_size = int(image_size)
         self.hflip = bool(hflip)
+        self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
+        self.num_classes = None if labels is None else int(num_classes or int(self.labels.max()) + 1)
 
     def __repr__(self) -> str:
         return (
@@ -68,12 +72,11 @@ class TensorImageDataset(ImageDataset):
     ``labels`` [N] (class indices) when the data has them."""
 
     def __init__(self, images: torch.Tensor, name: str, hflip: bool, split: str = "train",
-                 labels: Optional[torch.Tensor] = None):
+                 labels: Optional[torch.Tensor] = None, num_classes: Optional[int] = None):
         if images.dim() != 4 or images.shape[-1] != images.shape[-2]:
             raise ValueError(f"images must be [N,C,S,S], got {tuple(images.shape)}")
-        super().__init__(name, images.shape[1], images.shape[-1], hflip, split)
+        super().__init__(name, images.shape[1], images.shape[-1], hflip, split, labels, num_classes)
         self.images = images.contiguous()
-        self.labels = labels
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -83,10 +86,12 @@ class TensorImageDataset(ImageDataset):
 
 
 class TransformImageDataset(ImageDataset):
-    """Wraps a dataset whose items are ``image`` or ``(image, label, ...)``; keeps only the image."""
+    """Wraps a dataset whose items are ``image`` or ``(image, label, ...)``; items are the image, the
+    labels (when given) are the ``labels`` tensor."""
 
-    def __init__(self, base: Dataset, name: str, channels: int, image_size: int, hflip: bool, split: str = "train"):
-        super().__init__(name, channels, image_size, hflip, split)
+    def __init__(self, base: Dataset, name: str, channels: int, image_size: int, hflip: bool, split: str = "train",
+                 labels: Optional[Sequence[int]] = None, num_classes: Optional[int] = None):
+        super().__init__(name, channels, image_size, hflip, split, labels, num_classes)
         self.base = base
 
     def __len__(self) -> int:
@@ -188,7 +193,8 @@ def digits(image_size: int = 8, split: str = "train", test_fraction: float = 0.2
     if image_size != 8:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
         x = x.clamp_(-1.0, 1.0)
-    return TensorImageDataset(x, name="digits", hflip=False, split=split, labels=torch.from_numpy(raw.target[idx]))
+    return TensorImageDataset(x, name="digits", hflip=False, split=split, labels=torch.from_numpy(raw.target[idx]),
+                              num_classes=10)
 
 
 def default_cifar10_root() -> str:
@@ -247,7 +253,8 @@ def cifar10(
         base = cls(root, train=split == "train", transform=T.Compose(tfs), download=False)
     except (RuntimeError, OSError, EOFError, KeyError, ValueError) as err:
         raise _cifar10_missing(root, f"files missing or corrupted: {type(err).__name__}: {err}") from err
-    return TransformImageDataset(base, name="cifar10", channels=3, image_size=image_size, hflip=True, split=split)
+    return TransformImageDataset(base, name="cifar10", channels=3, image_size=image_size, hflip=True, split=split,
+                                 labels=base.targets, num_classes=len(base.classes))
 
 
 @functools.lru_cache(maxsize=None)
@@ -282,7 +289,7 @@ def folder_split(files: Sequence[Path], root: Path, val_fraction: float, seed: i
 def folder(root: str, image_size: int = 64, channels: int = 3, split: str = "train", val_fraction: float = 0.1,
            split_seed: int = 0) -> TransformImageDataset:
     """Every png/jpg/jpeg/bmp/webp under ``root`` (recursive, sorted), shorter side resized then center-cropped;
-    ``split`` as in ``folder_split``."""
+    ``split`` as in ``folder_split``; labelled by class subfolder as in ``folder_classes``."""
     from torchvision import transforms as T
 
     _check_split(split)
@@ -296,13 +303,29 @@ def folder(root: str, image_size: int = 64, channels: int = 3, split: str = "tra
         raise DatasetNotFoundError(
             f"no images ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}) found under {path}"
         )
+    classes = folder_classes(files, path)
     files = folder_split(files, path, val_fraction, split_seed)[split]
     if not files:
         raise DatasetNotFoundError(f"the {split} split of {path} has no images (too few files, or an empty val/)")
     tf = T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size)] + _to_minus_one_one(channels))
     base = _ImageFiles(files, "RGB" if channels == 3 else "L", tf)
+    labels = [classes.index(_class_folder(f, path)) for f in files] if classes else None
     return TransformImageDataset(base, name=f"folder:{path.name}", channels=channels, image_size=image_size,
-                                 hflip=True, split=split)
+                                 hflip=True, split=split, labels=labels, num_classes=len(classes) or None)
+
+
+def _class_folder(file: Path, root: Path) -> Optional[str]:
+    """The first folder of ``file`` below ``root`` (below ``root/val`` for held-out files); None at the top."""
+    parts = file.relative_to(root).parts
+    parts = parts[1:] if parts[0] == "val" and (root / "val").is_dir() else parts
+    return parts[0] if len(parts) > 1 else None
+
+
+def folder_classes(files: Sequence[Path], root: Path) -> List[str]:
+    """Sorted class names when every image lies in a class subfolder (``root/cat/1.png``, ``root/val/cat/2.png``),
+    the same for both splits; [] (unlabelled) when any image lies directly in ``root`` (or ``root/val``)."""
+    names = [_class_folder(f, root) for f in files]
+    return [] if None in names else sorted(set(names))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -339,7 +362,9 @@ def _collate_images(batch: List[Any]) -> torch.Tensor:
 
 
 class ResumableLoader:
-    """Endless stream of batches [B,C,H,W] on ``device`` that resumes bit-identically.
+    """Endless stream of batches (x0 [B,C,H,W], y [B] or None) on ``device`` that resumes bit-identically.
+
+    ``y`` holds the images' class labels (the dataset's ``labels`` at the same indices); None for unlabelled data.
 
     Epoch ``e`` is ``torch.randperm`` drawn from a generator seeded with (seed, e); the last
     incomplete batch is dropped. With ``hflip`` each image of batch ``i`` of epoch ``e`` is flipped
@@ -385,6 +410,7 @@ class ResumableLoader:
         self.index = 0
         images = getattr(dataset, "images", None)
         self._images = images.to(self.device) if isinstance(images, torch.Tensor) else None
+        self._labels = getattr(dataset, "labels", None)
         self._iterator: Optional[Iterator[torch.Tensor]] = None
 
     # position ---------------------------------------------------------------------------------
@@ -421,12 +447,13 @@ class ResumableLoader:
     def __iter__(self) -> "ResumableLoader":
         return self
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         epoch, index = self.epoch, self.index
+        bs = self.batch_size
+        idx = self.rank_slice(self.permutation(epoch)[index * bs : (index + 1) * bs])  # this rank's part
+        y = self._labels[idx].to(self.device) if self._labels is not None else None  # same indices as the images
         if self._images is not None:
-            bs = self.batch_size
-            idx = self.rank_slice(self.permutation(epoch)[index * bs : (index + 1) * bs]).to(self._images.device)
-            x = self._images[idx]
+            x = self._images[idx.to(self._images.device)]
         else:
             if self._iterator is None:
                 self._iterator = self._start_dataloader(epoch, index)
@@ -437,7 +464,7 @@ class ResumableLoader:
         self.index += 1
         if self.index == self.steps_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
-        return x
+        return x, y
 
     def _start_dataloader(self, epoch: int, index: int) -> Iterator[torch.Tensor]:
         """A DataLoader from (epoch, index). Its own generator seeds the workers: starting an iterator

@@ -5,6 +5,8 @@ x_t | k ~ N(a m_k, v_k I_d) with v_k = a^2 s_k^2 + b^2, so with responsibilities
     E[x0 | x_t]  = sum_k r_k (m_k + a s_k^2 (x_t - a m_k) / v_k)
     E[eps | x_t] = sum_k r_k  b (x_t - a m_k) / v_k
 and the v-predictor is a E[eps] - b E[x0]. Everything in float64, built from these closed forms (not objectives.py).
+``ConditionalDenoiser`` is the class-conditional version (E[eps | x_t, y], each class its own mixture), for
+testing classifier-free guidance.
 """
 from __future__ import annotations
 
@@ -42,14 +44,17 @@ class GaussianMixture:
         logits = self.weights.log() - 0.5 * self.dim * var.log() - 0.5 * dist2 / var
         return logits - logits.logsumexp(dim=1, keepdim=True)
 
+    def component_means(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(E[x0 | x_t, k], E[eps | x_t, k]) [N, K, d] for rows x [N, d] with per-row a, b [N, 1]."""
+        var = (a**2 * self.stds**2 + b**2)[:, :, None]
+        resid = x[:, None, :] - a[:, :, None] * self.means[None]  # x_t - a m_k
+        return self.means[None] + a[:, :, None] * self.stds[None, :, None] ** 2 * resid / var, b[:, :, None] * resid / var
+
     def posterior_means(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(E[x0 | x_t], E[eps | x_t]) for rows x [N, d] with per-row a, b [N, 1]."""
         r = self.log_responsibilities(x, a, b).exp()[:, :, None]  # [N, K, 1]
-        var = (a**2 * self.stds**2 + b**2)[:, :, None]
-        resid = x[:, None, :] - a[:, :, None] * self.means[None]  # x_t - a m_k
-        e_x0 = (r * (self.means[None] + a[:, :, None] * self.stds[None, :, None] ** 2 * resid / var)).sum(1)
-        e_eps = (r * b[:, :, None] * resid / var).sum(1)
-        return e_x0, e_eps
+        e_x0, e_eps = self.component_means(x, a, b)
+        return (r * e_x0).sum(1), (r * e_eps).sum(1)
 
     def assign(self, x: torch.Tensor) -> torch.Tensor:
         """The most likely component of each clean row x [N, d]."""
@@ -71,15 +76,49 @@ class ExactDenoiser:
         self.calls = 0
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        rows, a, b = self._rows(x_t, t)
+        return self._output(self.mixture.posterior_means(rows, a, b), a, b, x_t)
+
+    def _rows(self, x_t: torch.Tensor, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x_t as float64 rows [N, d] with their a, b [N, 1]."""
         assert t.dtype == torch.long and t.shape == (x_t.shape[0],) and t.device == x_t.device
         self.calls += 1
-        d = self.mixture.dim
-        rows = x_t.to(torch.float64).reshape(-1, d)
+        rows = x_t.to(torch.float64).reshape(-1, self.mixture.dim)
         ab = self.alphas_cumprod.to(x_t.device)[t].repeat_interleave(rows.shape[0] // x_t.shape[0])[:, None]
-        a, b = ab.sqrt(), (1.0 - ab).sqrt()
-        e_x0, e_eps = self.mixture.posterior_means(rows, a, b)
+        return rows, ab.sqrt(), (1.0 - ab).sqrt()
+
+    def _output(self, means: Tuple[torch.Tensor, torch.Tensor], a, b, x_t: torch.Tensor) -> torch.Tensor:
+        e_x0, e_eps = means
         out = {"eps": e_eps, "x0": e_x0, "v": a * e_eps - b * e_x0}[self.kind]
         return out.reshape(x_t.shape).to(x_t.dtype)
+
+
+class ConditionalDenoiser(ExactDenoiser):
+    """model(x_t, t, y) of a class-conditional model, exactly: class y < K is ``classes[y]`` (a mixture of its own),
+    the null class K (or y=None) is ``null``. ``from_mixture`` makes each component of a mixture a class and the
+    whole mixture the null class: the data of a labelled Gaussian mixture."""
+
+    def __init__(self, schedule, classes: Sequence[GaussianMixture], null: GaussianMixture, kind: str = "eps"):
+        super().__init__(schedule, null, kind)
+        if any(c.dim != null.dim for c in classes):
+            raise ValueError("every class needs the dimension of the null class")
+        self.classes, self.num_classes = list(classes), len(classes)
+
+    @classmethod
+    def from_mixture(cls, schedule, mixture: GaussianMixture, kind: str = "eps") -> "ConditionalDenoiser":
+        components = [GaussianMixture([1.0], [m.tolist()], [s.item()]) for m, s in zip(mixture.means, mixture.stds)]
+        return cls(schedule, components, mixture, kind)
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        rows, a, b = self._rows(x_t, t)
+        y = torch.full_like(t, self.num_classes) if y is None else y
+        y = y.repeat_interleave(rows.shape[0] // x_t.shape[0])
+        e_x0, e_eps = torch.empty_like(rows), torch.empty_like(rows)
+        for k, mixture in enumerate([*self.classes, self.mixture]):  # index K: the null class
+            rows_k = y == k
+            if rows_k.any():
+                e_x0[rows_k], e_eps[rows_k] = mixture.posterior_means(rows[rows_k], a[rows_k], b[rows_k])
+        return self._output((e_x0, e_eps), a, b, x_t)
 
 
 def gaussian(mean: float, std: float) -> GaussianMixture:

@@ -154,3 +154,11 @@ def classifier_score(logits: torch.Tensor) -> Dict[str, float]:
     class_entropy = -(p.mean(0) * log_marginal).sum()
     kl = (p * (log_p - log_marginal)).sum(1).mean()
     return {"label_entropy": float(label_entropy), "class_entropy": float(class_entropy), "is_like": float(kl.exp())}
+
+
+def class_accuracy(classifier: DigitsClassifier, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
+    """Fraction of [-1, 1] images [N, 1, H, W] that ``classifier`` assigns to their asked ``labels`` [N]."""
+    device = next(classifier.parameters()).device
+    with torch.no_grad():
+        predicted = torch.cat([classifier.logits(x.to(device)).argmax(1).cpu() for x in images.split(batch_size)])
+    return float((predicted == labels.cpu()).double().mean())

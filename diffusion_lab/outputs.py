@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -66,13 +66,14 @@ class Outputs:
             checkpoint.save(path, state)
         return path
 
-    def grid(self, step: int, generate: Callable[[], torch.Tensor]) -> Optional[Path]:
-        """samples/step_NNNNNNN.png of the images generate() makes (called on rank 0 only)."""
+    def grid(self, step: int, generate: Callable[[], Tuple[torch.Tensor, Optional[int]]]) -> Optional[Path]:
+        """samples/step_NNNNNNN.png of the (images, per row) generate() makes (called on rank 0 only)."""
         if not self.enabled:
             return None
         path = self.run_dir / "samples" / f"step_{step:07d}.png"
         path.parent.mkdir(exist_ok=True)
-        save_grid(generate(), path)
+        images, nrow = generate()
+        save_grid(images, path, nrow=nrow)
         self.logger.log_images({"samples": path}, step)
         return path
 

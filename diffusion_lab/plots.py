@@ -151,3 +151,27 @@ def plot_fid_vs_cost(rows: List[Dict], path: Path, label: str, floor: Optional[t
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_guidance(rows: List[Dict], path: Path, label: str, floor: Optional[tuple] = None) -> Path:
+    """FID and classifier accuracy against the guidance scale w, one line per sampler setting (the usual
+    FID-guidance trade-off curve); floor: (value, n) drawn dashed on the FID panel."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name in sorted({(r["sampler"], r["nfe"]) for r in rows}):
+        mine = sorted((r for r in rows if (r["sampler"], r["nfe"]) == name), key=lambda r: r["guidance_scale"])
+        for ax, key in zip(axes, ("fid", "accuracy")):
+            points = [(r["guidance_scale"], r[key]) for r in mine if r[key] is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=f"{name[0]}, NFE {name[1]}")
+    if floor and floor[0] is not None:
+        axes[0].axhline(floor[0], color="gray", linestyle="--", linewidth=1, label=f"floor (real train images, n={floor[1]})")
+    for ax, ylabel in zip(axes, ("FID", "classifier accuracy on the asked labels")):
+        ax.set_xlabel("guidance scale w (0 unconditional, 1 conditional)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(label, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

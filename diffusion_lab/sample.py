@@ -2,7 +2,9 @@
 
 The checkpoint's saved config rebuilds the model, schedule and objective, so a model trained with any
 objective samples with any sampler: `sampler=ddim sampler.steps=50 num_samples=1000`.
-Writes grid.png and samples.npz (array `images`, uint8, N x H x W x C) into the run dir.
+Writes grid.png and samples.npz (array `images`, uint8, N x H x W x C) into the run dir. A class-conditional
+checkpoint samples `labels=[...]` or `per_class=k` (default: num_samples cycling through the classes), guided by
+`sampler.guidance_scale`; its grid has one row per class and samples.npz also holds `labels`.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional, Tuple
 
 import hydra
 import numpy as np
@@ -50,7 +52,8 @@ def load_trained(path: Path, device: torch.device) -> Trained:
     state = checkpoint.load(path, map_location=device)
     cfg = OmegaConf.create(state["config"])
     channels, image_size, _ = state["image_shape"]
-    model = build_model(cfg, image_size, channels).to(device)
+    embedding = state["model"].get("label_emb.weight")  # resolves model.num_classes=auto: K + 1 rows
+    model = build_model(cfg, image_size, channels, None if embedding is None else embedding.shape[0] - 1).to(device)
     model.load_state_dict(state["train_step"]["ema"]["module"])
     model.eval()
     run_summary = path.parent.parent / "summary.json"  # <run dir>/checkpoints/<name>.pt
@@ -68,15 +71,47 @@ def check_steps(settings: dict, trained: Trained) -> None:
 
 
 def generate(trained: Trained, sampler: Callable, num_samples: int, batch_size: int, seed: int,
-             device: torch.device, progress: bool = True) -> torch.Tensor:
-    """num_samples images in [-1, 1] on the CPU, generated batch by batch from seeded noise."""
+             device: torch.device, progress: bool = True, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """num_samples images in [-1, 1] on the CPU, generated batch by batch from seeded noise; image i of a
+    conditional model has class ``labels[i]`` (guided as the sampler says)."""
     generator = torch.Generator(device=device).manual_seed(seed)
     batches = []
     for start in tqdm(range(0, num_samples, batch_size), desc="sample", disable=not progress):
         x_T = torch.randn((min(batch_size, num_samples - start), *trained.image_shape), generator=generator,
                           device=device)
-        batches.append(sampler(trained.model, trained.schedule, trained.objective, x_T, generator=generator).cpu())
+        y = None if labels is None else labels[start:start + len(x_T)].to(device)
+        batches.append(sampler(trained.model, trained.schedule, trained.objective, x_T, y=y, generator=generator).cpu())
     return torch.cat(batches)
+
+
+def asked_labels(cfg: DictConfig, model: torch.nn.Module) -> Optional[torch.Tensor]:
+    """The labels to sample: ``labels=[...]`` as given, ``per_class=k`` k of every class, else num_samples
+    labels cycling through the classes; None for an unconditional model (which refuses labels)."""
+    num_classes = getattr(model, "num_classes", None)
+    if cfg.labels is not None and cfg.per_class is not None:
+        raise ValueError("give labels=[...] or per_class=k, not both")
+    if num_classes is None:
+        if cfg.labels is not None or cfg.per_class is not None:
+            raise ValueError("labels / per_class need a class-conditional checkpoint (model.num_classes=null)")
+        return None
+    if cfg.per_class is not None:
+        return torch.arange(num_classes).repeat_interleave(int(cfg.per_class))
+    if cfg.labels is None:
+        return torch.arange(cfg.num_samples) % num_classes
+    labels = torch.tensor(list(cfg.labels), dtype=torch.long)
+    if len(labels) == 0 or bool(((labels < 0) | (labels >= num_classes)).any()):
+        raise ValueError(f"labels={list(cfg.labels)} must be a non-empty list of classes in [0, {num_classes - 1}]")
+    return labels
+
+
+def class_rows(images: torch.Tensor, labels: torch.Tensor, per_row: int = 8) -> Tuple[torch.Tensor, int]:
+    """A class-by-sample grid: one row per class (in order of first appearance), its first ``per_row`` images,
+    short rows padded with blank (-1) images; returns (images, row length) for ``save_grid``."""
+    classes = list(dict.fromkeys(labels.tolist()))
+    rows = [images[labels == c][:per_row] for c in classes]
+    width = max(len(r) for r in rows)
+    blank = torch.full_like(images[:1], -1.0)
+    return torch.cat([torch.cat([r, blank.expand(width - len(r), *r.shape[1:])]) for r in rows]), width
 
 
 def make_fid_evaluator(eval_cfg: DictConfig, train_cfg: DictConfig, device: torch.device,
@@ -91,14 +126,21 @@ def sample(cfg: DictConfig, run_dir: Path) -> dict:
     trained = load_trained(Path(cfg.checkpoint), device)
     check_steps(OmegaConf.to_container(cfg.sampler), trained)
     sampler = build_sampler(cfg)
-    images = generate(trained, sampler, cfg.num_samples, cfg.batch_size, cfg.seed, device)
+    labels = asked_labels(cfg, trained.model)
+    num_samples = cfg.num_samples if labels is None else len(labels)
+    images = generate(trained, sampler, num_samples, cfg.batch_size, cfg.seed, device, labels=labels)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_grid(images[:64], run_dir / "grid.png")
-    np.savez_compressed(run_dir / "samples.npz", images=to_uint8(images))
+    if labels is None:
+        save_grid(images[:64], run_dir / "grid.png")
+        np.savez_compressed(run_dir / "samples.npz", images=to_uint8(images))
+    else:
+        grid, per_row = class_rows(images, labels)
+        save_grid(grid, run_dir / "grid.png", nrow=per_row)
+        np.savez_compressed(run_dir / "samples.npz", images=to_uint8(images), labels=labels.numpy())
     summary = {"checkpoint": str(cfg.checkpoint), "step": trained.step, "sampler": OmegaConf.to_container(cfg.sampler),
-               "num_samples": cfg.num_samples, "objective": trained.config.objective.name}
+               "num_samples": num_samples, "objective": trained.config.objective.name}
     if cfg.fid:
-        evaluator = make_fid_evaluator(cfg.eval, trained.config, device, cfg.num_samples)
+        evaluator = make_fid_evaluator(cfg.eval, trained.config, device, num_samples)
         if evaluator.enabled:
             result = evaluator.score(images)
             print(result)
@@ -106,10 +148,10 @@ def sample(cfg: DictConfig, run_dir: Path) -> dict:
                               "floor_n": result.floor_n, **result.scores}
     values = {f"fid_{k}" if k != "value" else "fid": v for k, v in summary.get("fid", {}).items()}
     summary["wandb"] = log_linked_run(OmegaConf.to_container(trained.config), trained.source, "sample", run_dir,
-                                      OmegaConf.to_container(cfg), {"num_samples": cfg.num_samples, **values},
+                                      OmegaConf.to_container(cfg), {"num_samples": num_samples, **values},
                                       {"grid": run_dir / "grid.png"})
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"wrote {run_dir / 'grid.png'} and {run_dir / 'samples.npz'} ({cfg.num_samples} images)")
+    print(f"wrote {run_dir / 'grid.png'} and {run_dir / 'samples.npz'} ({num_samples} images)")
     return summary
 
 

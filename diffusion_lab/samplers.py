@@ -5,7 +5,8 @@ Every sampler has the same call::
     sampler(model, schedule, objective, x_T, *, steps=..., grid=..., clip_x0=..., clamp_final=True,
             generator=None, progress=False, callback=None, <its own options>) -> x_0
 
-``model(x_t, t)`` is any callable (t: LongTensor [B] of integer timesteps); the objective turns its
+``model(x_t, t)`` is any callable (t: LongTensor [B] of integer timesteps; ``guidance.GuidedModel`` makes one of a
+class-conditional model, so no sampler knows about labels or guidance); the objective turns its
 prediction into (x0_pred, eps_pred), so samplers never care how the model was parameterised.
 ``grid`` picks the timesteps (``grids.py``: a registered name, ``{name: ..., **options}``, or a list).
 DDIM and pc evaluate every grid point and then step to clean data; the other solvers end at sigma = 0, so
@@ -27,7 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from . import grids
+from . import grids, guidance
 from .registry import SAMPLERS
 from .schedules import NoiseSchedule, extract
 
@@ -352,18 +353,21 @@ def _options(fn: Callable) -> Dict[str, inspect.Parameter]:
 def _check_params(name: str, fn: Callable, params: Dict[str, Any]) -> Dict[str, inspect.Parameter]:
     options = _options(fn)
     for key in params:
-        if key not in options:
+        if key not in options and key not in guidance.KEYS:
             raise ValueError(f"sampler '{name}' does not take '{key}'; it takes: {', '.join(options)}")
     return options
 
 
 def build_sampler(name: str, **params: Any) -> Callable[..., torch.Tensor]:
-    """SAMPLERS[name] with ``params`` bound: call it as f(model, schedule, objective, x_T, *, generator,
-    progress, callback). Raises the registry's error for an unknown name and ValueError for a parameter
-    the sampler does not take."""
+    """SAMPLERS[name] with ``params`` bound: call it as f(model, schedule, objective, x_T, *, y, generator,
+    progress, callback); with class labels ``y`` a conditional model is sampled with classifier-free guidance
+    (``guidance_*`` params, see guidance.py). Raises the registry's error for an unknown name and ValueError for
+    a parameter the sampler does not take."""
     fn = SAMPLERS.get(name)
     _check_params(name, fn, params)
-    return functools.partial(fn, **params)
+    params = dict(params)
+    settings = guidance.Guidance.pop(params)
+    return guidance.GuidedSampler(functools.partial(fn, **params), settings)
 
 
 def num_evaluations(name: str, params: Dict[str, Any], T: int) -> int:

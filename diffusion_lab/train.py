@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import hydra
 import numpy as np
@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint, cluster, distributed, preemption, progress, run_dir as run_dirs
 from .build import Components, build_components, build_dataset, params, resolve_device
+from .conditioning import balanced_labels, class_grid, training_labels
 from .config import CONF_DIR, HYDRA_FLAGS, ConfigError, check_overrides, error_line, fail, validate
 from .data import DatasetNotFoundError, ResumableLoader
 from .distributed import Ranks
@@ -100,20 +101,30 @@ class Run:
     noise_generator: torch.Generator  # timesteps and noise, the same on every rank
     grid_noise: torch.Tensor  # fixed starting noise of the sample grids, so they compare over time
 
-    def loss(self, x0: torch.Tensor) -> torch.Tensor:
-        """The objective's loss on this rank's part of the batch. Timesteps and noise are drawn for the whole
-        global batch and sliced, so N ranks train exactly as one process on the combined batch."""
-        schedule, ranks = self.parts.schedule, self.ranks
+    def loss(self, batch: Tuple[torch.Tensor, Optional[torch.Tensor]]) -> torch.Tensor:
+        """The objective's loss on this rank's part of the batch (images, labels). Timesteps, noise and label
+        dropout are drawn for the whole global batch and sliced, so N ranks train exactly as one process on the
+        combined batch."""
+        (x0, y), schedule, ranks = batch, self.parts.schedule, self.ranks
         n = x0.shape[0] * ranks.world_size
         t = ranks.shard(schedule.sample_timesteps(n, self.device, self.noise_generator))
         eps = ranks.shard(torch.randn((n, *x0.shape[1:]), generator=self.noise_generator, device=self.device))
         x_t, _ = schedule.add_noise(x0, t, eps)
-        return self.parts.objective.loss(self.forward(x_t, t), x0, eps, schedule, t)
+        cond = training_labels(self.parts.model, y, self.cfg.train.cond_drop_prob, self.noise_generator, ranks)
+        return self.parts.objective.loss(self.forward(x_t, t, **cond), x0, eps, schedule, t)  # cond: {} or {"y"}
 
-    def generate(self, x_T: torch.Tensor, seed: int) -> torch.Tensor:
-        """Samples of the EMA model from x_T with the configured sampler."""
+    def generate(self, x_T: torch.Tensor, seed: int, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Samples of the EMA model from x_T with the configured sampler (a conditional model: labels y, by
+        default every class in turn)."""
+        y = balanced_labels(self.parts.model, x_T.shape[0], self.device) if y is None else y
         return self.parts.sampler(self.ema.module, self.parts.schedule, self.parts.objective, x_T.to(self.device),
-                                  generator=torch.Generator(device=self.device).manual_seed(seed))
+                                  y=y, generator=torch.Generator(device=self.device).manual_seed(seed))
+
+    def sample_grid(self) -> Tuple[torch.Tensor, Optional[int]]:
+        """(images, per row) of the sample grid from the fixed grid noise: one row per class when conditional."""
+        labels, per_class = class_grid(self.parts.model, len(self.grid_noise), self.device)
+        noise = self.grid_noise if labels is None else self.grid_noise[:len(labels)]
+        return self.generate(noise, self.cfg.seed, labels), per_class
 
 
 def configured_device(cfg: DictConfig) -> torch.device:
@@ -128,7 +139,7 @@ def build_data(cfg: DictConfig, ranks: Ranks, device: torch.device) -> tuple:
     t = cfg.train
     try:
         dataset = build_dataset(cfg)
-        parts = build_components(cfg, device, dataset.image_size, dataset.channels)
+        parts = build_components(cfg, device, dataset.image_size, dataset.channels, dataset.num_classes)
         loader = ResumableLoader(dataset, micro_batch_size(t.batch_size, t.grad_accum_steps), cfg.seed,
                                  hflip=dataset.hflip, num_workers=t.num_workers, device=device, rank=ranks.rank,
                                  world_size=ranks.world_size)
@@ -246,7 +257,7 @@ class Loop:
         if checkpoint_due:
             self.kept = self.save("last.pt")
         if (t.sample_every and step % t.sample_every == 0) or last:
-            self.grid_path = self.out.grid(step, lambda: self.run.generate(self.run.grid_noise, self.run.cfg.seed))
+            self.grid_path = self.out.grid(step, self.run.sample_grid)
         if fid.due(step) or (last and fid.enabled):
             self.evaluate(checkpoint_due)
 

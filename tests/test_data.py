@@ -38,6 +38,7 @@ def test_digits(digits8):
     ds = digits8
     assert len(ds) == 1438  # the train split
     assert (ds.name, ds.split, ds.channels, ds.image_size, ds.hflip) == ("digits", "train", 1, 8, False)
+    assert ds.num_classes == 10 and ds.labels.dtype == torch.long and set(ds.labels.tolist()) == set(range(10))
     x = ds[0]
     assert x.shape == (1, 8, 8) and x.dtype == torch.float32
     assert ds.images.min().item() == -1.0 and ds.images.max().item() == 1.0
@@ -100,6 +101,10 @@ def test_cifar10_tiny_through_torchvision(tmp_path):
     assert small[3].shape == (3, 16, 16) and small.image_size == 16
     test = build_dataset("cifar10", root=str(tmp_path), download=False, verify_checksums=False, split="test")
     assert len(test) == 2 and test.split == "test"  # the official test_batch (2 images per file here)
+    import pickle
+
+    written = [pickle.load(open(tmp_path / "cifar-10-batches-py" / f"data_batch_{i}", "rb"))["labels"] for i in range(1, 6)]
+    assert ds.labels.tolist() == sum(written, []) and ds.num_classes == 10
     assert not _rows(torch.stack([test[i] for i in range(2)])) & _rows(x)
 
 
@@ -159,6 +164,22 @@ def test_folder_splits(tmp_path):
     assert (len(train), len(test)) == (20, 3) and all(test[i].max() == -1.0 for i in range(3))
 
 
+def test_folder_labels_from_class_subfolders(tmp_path):
+    """One subfolder per class gives labels (sorted names, the same indices in val/); a flat folder has none."""
+    for name, n in (("cat", 3), ("ant", 2), ("val/cat", 1), ("val/bee", 1)):
+        (tmp_path / name).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((8, 8, 3), 10 * i, np.uint8)).save(tmp_path / name / f"{i}.png")
+    (tmp_path / "bee").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "bee" / "0.png")
+    train, test = (build_dataset("folder", root=str(tmp_path), image_size=8, split=s) for s in ("train", "test"))
+    assert train.num_classes == test.num_classes == 3  # ant, bee, cat
+    assert train.labels.tolist() == [0, 0, 1, 2, 2, 2]  # files sorted: ant/0, ant/1, bee/0, cat/0..2
+    assert test.labels.tolist() == [1, 2]  # val/bee/0, val/cat/0
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "loose.png")  # one image outside any class
+    assert build_dataset("folder", root=str(tmp_path), image_size=8).labels is None
+
+
 def test_folder_errors(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="no images"):
         build_dataset("folder", root=str(tmp_path))
@@ -170,7 +191,7 @@ def test_folder_errors(tmp_path):
 
 
 def _take(loader, k):
-    return [next(loader) for _ in range(k)]
+    return [next(loader)[0] for _ in range(k)]
 
 
 def _small_digits(n=50):
@@ -248,6 +269,47 @@ def test_loader_dataloader_path_matches_and_resumes(tmp_path):
     slow2.load_state_dict(slow.state_dict())
     got += _take(slow2, 3)
     assert all(torch.equal(x, y) for x, y in zip(fast, got))
+
+
+def _id_dataset(n=50, classes=7):
+    """Image i holds the value i everywhere, label i % classes: a batch's labels can be checked against its images."""
+    images = torch.arange(float(n)).view(n, 1, 1, 1).expand(n, 1, 2, 2).clone()
+    return TensorImageDataset(images, "ids", False, labels=torch.arange(n) % classes, num_classes=classes)
+
+
+@pytest.mark.parametrize("hflip", [False, True])
+def test_loader_labels_ride_with_images_and_resume_exactly(hflip):
+    ds = _id_dataset()
+    stream = ResumableLoader(ds, 16, seed=7, hflip=hflip)
+    reference = [next(stream) for _ in range(8)]
+    for x, y in reference:
+        assert y.dtype == torch.long and torch.equal(y, x[:, 0, 0, 0].long() % 7)
+    first = ResumableLoader(ds, 16, seed=7, hflip=hflip)
+    [next(first) for _ in range(2)]
+    resumed = ResumableLoader(ds, 16, seed=7, hflip=hflip)
+    resumed.load_state_dict(first.state_dict())
+    for (x, y), (rx, ry) in zip(reference[2:], [next(resumed) for _ in range(6)]):  # across two epoch ends
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
+def test_loader_labels_through_the_dataloader_path():
+    full = _id_dataset()
+
+    class FileLike(torch.utils.data.Dataset):  # no in-memory images: the DataLoader path, labels by attribute
+        labels = full.labels
+
+        def __len__(self):
+            return len(full)
+
+        def __getitem__(self, i):
+            return full.images[i].clone()
+
+    fast, slow = ResumableLoader(full, 16, seed=5), ResumableLoader(FileLike(), 16, seed=5)
+    for _ in range(5):
+        (x, y), (sx, sy) = next(fast), next(slow)
+        assert torch.equal(x, sx) and torch.equal(y, sy)
+    unlabelled = TensorImageDataset(full.images, "ids", False)
+    assert unlabelled.num_classes is None and next(ResumableLoader(unlabelled, 16, seed=5))[1] is None
 
 
 def test_loader_batch_larger_than_dataset():

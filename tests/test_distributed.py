@@ -92,19 +92,22 @@ def test_the_shards_of_a_global_batch_are_disjoint_and_tile_it():
 
 @pytest.mark.parametrize("in_memory", [True, False], ids=["tensor", "dataloader"])
 def test_rank_loaders_together_yield_the_single_process_batches(in_memory):
-    """Across an epoch boundary, with flips, and for both loader paths; and after a resume."""
-    images = torch.randn(40, 1, 4, 4)
-    base = TensorImageDataset(images, name="noise", hflip=True)
-    dataset = base if in_memory else TransformImageDataset(base, "noise", 1, 4, hflip=True)
+    """Across an epoch boundary, with flips, for both loader paths, labels riding along; and after a resume."""
+    images, labels = torch.randn(40, 1, 4, 4), torch.arange(40) % 10
+    base = TensorImageDataset(images, name="noise", hflip=True, labels=labels, num_classes=10)
+    dataset = base if in_memory else TransformImageDataset(base, "noise", 1, 4, hflip=True, labels=labels.tolist(),
+                                                           num_classes=10)
     single = ResumableLoader(dataset, 8, seed=3, hflip=True)
     ranks = [ResumableLoader(dataset, 8, seed=3, hflip=True, rank=r, world_size=2) for r in range(2)]
     for _ in range(7):  # 5 batches per epoch
-        parts = [next(loader) for loader in ranks]
-        assert parts[0].shape[0] == 4 and not torch.equal(parts[0], parts[1])
-        assert torch.equal(torch.cat(parts), next(single))
+        (x_a, y_a), (x_b, y_b) = [next(loader) for loader in ranks]
+        assert x_a.shape[0] == 4 and not torch.equal(x_a, x_b)
+        x, y = next(single)
+        assert torch.equal(torch.cat([x_a, x_b]), x) and torch.equal(torch.cat([y_a, y_b]), y)
     resumed = ResumableLoader(dataset, 8, seed=3, hflip=True, rank=1, world_size=2)
     resumed.load_state_dict(ranks[1].state_dict())
-    assert torch.equal(next(resumed), next(ranks[1]))
+    (x_r, y_r), (x_1, y_1) = next(resumed), next(ranks[1])
+    assert torch.equal(x_r, x_1) and torch.equal(y_r, y_1)
 
 
 def test_a_global_batch_that_does_not_split_over_the_ranks_is_one_line():

@@ -214,3 +214,32 @@ def test_base_overfits_fixed_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
+
+
+# ------------------------------------------------------------------------------------- class conditioning
+
+
+@pytest.mark.parametrize("name,kwargs", [("base", {"hidden_dims": [8, 16], "time_dim": 16, "norm_groups": 4}),
+                                         ("cifar", {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
+                                                    "attention_resolutions": [4], "norm_groups": 4})])
+def test_class_conditional_unet(name, kwargs):
+    """num_classes adds Embedding(K + 1, time_dim) to the time embedding; y=None is the null class K."""
+    torch.manual_seed(0)
+    plain = MODELS.build(name, image_size=8, channels=1, **kwargs).eval()  # eval: no dropout
+    torch.manual_seed(0)
+    cond = MODELS.build(name, image_size=8, channels=1, num_classes=3, **kwargs).eval()
+    time_dim = cond.time_mlp.out_dim
+    assert cond.num_classes == 3 and plain.num_classes is None
+    assert count_parameters(cond) - count_parameters(plain) == 4 * time_dim
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([5, 50, 500, 900])
+    with torch.no_grad():
+        outs = [cond(x, t, torch.full((4,), k)) for k in range(4)]
+        torch.testing.assert_close(cond(x, t), outs[3], rtol=0, atol=0)  # no labels = the null class
+        assert all((outs[i] - outs[j]).abs().max() > 1e-4 for i in range(4) for j in range(i))
+        cond.label_emb.weight.zero_()  # a zero label embedding is the unconditional network exactly
+        cond.load_state_dict({**plain.state_dict(), "label_emb.weight": cond.label_emb.weight})
+        torch.testing.assert_close(cond(x, t, torch.tensor([0, 1, 2, 3])), plain(x, t), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="unconditional"):
+        plain(x, t, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="num_classes"):
+        MODELS.build(name, image_size=8, channels=1, num_classes=0, **kwargs)

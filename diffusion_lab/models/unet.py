@@ -1,4 +1,5 @@
-"""Pixel-space U-Nets for noise prediction: ``model(x, t)`` -> tensor shaped like ``x``.
+"""Pixel-space U-Nets for noise prediction: ``model(x, t)`` (class-conditional: ``model(x, t, y)``) -> tensor
+shaped like ``x``.
 
 Two models built from the same blocks:
   ``DiffusionModel``       the small reference U-Net (one ResBlock per level), MODELS "base".
@@ -276,8 +277,28 @@ class _UNet(nn.Module):
         self.num_downsamplings = n_down
         return dims
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x [B, C, H, W], t [B] integer timesteps -> prediction [B, C, H, W]."""
+    def _setup_labels(self, num_classes: Optional[int], emb_dim: int) -> None:
+        """Class conditioning: Embedding(num_classes + 1, emb_dim) added to the time embedding; row
+        ``num_classes`` is the null class of classifier-free guidance (Ho & Salimans 2022). None: unconditional."""
+        if num_classes is not None and (isinstance(num_classes, bool) or int(num_classes) < 1):
+            raise ValueError(f"num_classes must be null or a positive number of classes, got {num_classes}")
+        self.num_classes = None if num_classes is None else int(num_classes)
+        self.label_emb = nn.Embedding(self.num_classes + 1, emb_dim) if self.num_classes else None
+
+    def _embed(self, t: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+        """Time embedding, plus the label embedding for a conditional model (y None: the null class)."""
+        temb = self.time_mlp(t)
+        if self.label_emb is None:
+            if y is not None:
+                raise ValueError("labels given to an unconditional model (built with num_classes=None)")
+            return temb
+        if y is None:
+            y = torch.full_like(t, self.num_classes)
+        return temb + self.label_emb(y).to(temb.dtype)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B, C, H, W], t [B] integer timesteps, y [B] class labels (num_classes = null class; None: all
+        null) -> prediction [B, C, H, W]."""
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"expected input [B, {self.channels}, H, W] (model built with channels={self.channels}), "
                              f"got shape {tuple(x.shape)}")
@@ -287,7 +308,7 @@ class _UNet(nn.Module):
                              f"{factor} ({self.num_downsamplings} downsamplings)")
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        temb = self.time_mlp(t)
+        temb = self._embed(t, y)
         h = self.init_conv(x)
         hs = [h] if self.skip_init else []
         for down in self.down_blocks:
@@ -309,10 +330,11 @@ class DiffusionModel(_UNet):
 
     def __init__(self, image_size: int, channels: int, hidden_dims: Sequence[int] = (32, 64, 128),
                  time_dim: int = 128, num_heads: int = 4, norm_groups: int = 8, dropout: float = 0.0,
-                 resample: str = "reference", zero_init: bool = False):
+                 resample: str = "reference", zero_init: bool = False, num_classes: Optional[int] = None):
         super().__init__()
         dims = self._setup(image_size, channels, hidden_dims)
         self.time_mlp = TimeEmbedding(time_dim)
+        self._setup_labels(num_classes, time_dim)
         self.init_conv = conv3x3(channels, dims[0])
         self.down_blocks = nn.ModuleList(
             DownBlock(c_in, c_out, time_dim, dropout=dropout, num_heads=num_heads, norm_groups=norm_groups,
@@ -349,7 +371,7 @@ class DiffusionModelCIFAR(_UNet):
     def __init__(self, image_size: int, channels: int, hidden_dims: Sequence[int] = (128, 256, 256, 256),
                  time_dim: int = 512, dropout: float = 0.1, num_res_blocks: int = 2,
                  attention_resolutions: Sequence[int] = (16,), num_heads: int = 1, norm_groups: int = 32,
-                 resample: str = "reference", zero_init: bool = False):
+                 resample: str = "reference", zero_init: bool = False, num_classes: Optional[int] = None):
         super().__init__()
         dims = self._setup(image_size, channels, hidden_dims)
         if num_res_blocks < 1:
@@ -359,6 +381,7 @@ class DiffusionModelCIFAR(_UNet):
         level_kw = dict(block_kw, resample=resample)
         last = len(dims) - 1
         self.time_mlp = TimeEmbedding(dims[0], hidden_dim=time_dim, out_dim=time_dim, act=nn.SiLU)
+        self._setup_labels(num_classes, time_dim)
         self.init_conv = conv3x3(channels, dims[0])
 
         skip_chs = [dims[0]]  # channels of the stored skips, in storage order
@@ -390,18 +413,21 @@ class DiffusionModelCIFAR(_UNet):
 @MODELS.register("base")
 def build_base(image_size: int, channels: int, hidden_dims: Sequence[int] = (32, 64, 128), time_dim: int = 128,
                num_heads: int = 4, norm_groups: int = 8, dropout: float = 0.0, resample: str = "reference",
-               zero_init: bool = False) -> DiffusionModel:
+               zero_init: bool = False, num_classes: Optional[int] = None) -> DiffusionModel:
     return DiffusionModel(image_size, channels, list(hidden_dims), time_dim, num_heads=num_heads,
-                          norm_groups=norm_groups, dropout=dropout, resample=resample, zero_init=zero_init)
+                          norm_groups=norm_groups, dropout=dropout, resample=resample, zero_init=zero_init,
+                          num_classes=num_classes)
 
 
 @MODELS.register("cifar")
 def build_cifar(image_size: int, channels: int, base_channels: int = 128, channel_mult: Sequence[int] = (1, 2, 2, 2),
                 time_dim: Optional[int] = None, dropout: float = 0.1, num_res_blocks: int = 2,
                 attention_resolutions: Sequence[int] = (16,), num_heads: int = 1, norm_groups: int = 32,
-                resample: str = "reference", zero_init: bool = False) -> DiffusionModelCIFAR:
+                resample: str = "reference", zero_init: bool = False,
+                num_classes: Optional[int] = None) -> DiffusionModelCIFAR:
     """DDPM recipe: hidden_dims = base_channels * channel_mult, time_dim = 4 * base_channels. The resample and
     zero_init defaults rebuild checkpoints saved before they existed; conf/model/cifar.yaml picks the paper's."""
     hidden_dims = [int(base_channels) * int(m) for m in channel_mult]
     return DiffusionModelCIFAR(image_size, channels, hidden_dims, time_dim or 4 * int(base_channels), dropout,
-                               num_res_blocks, tuple(attention_resolutions), num_heads, norm_groups, resample, zero_init)
+                               num_res_blocks, tuple(attention_resolutions), num_heads, norm_groups, resample, zero_init,
+                               num_classes)
