@@ -76,7 +76,7 @@ def test_overfit_reads_one_fixed_batch():
     assert len(build_dataset(cfg, "test")) == len(build_dataset(compose_config([]), "test")), "held-out data stays whole"
     loader = ResumableLoader(one, 8, seed=0)  # grad_accum_steps=2: two halves, the same 16 images every step
     for _ in range(3):
-        seen = torch.cat([next(loader), next(loader)])
+        seen = torch.cat([next(loader)[0], next(loader)[0]])  # (images, labels) batches
         assert sorted(map(tuple, seen.flatten(1).tolist())) == sorted(map(tuple, one.images.flatten(1).tolist()))
 
 
