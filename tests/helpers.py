@@ -1,11 +1,13 @@
 """Config composition and CLI helpers shared by the end-to-end tests."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import List, Sequence
 
@@ -151,3 +153,14 @@ def write_malicious_checkpoint(path: Path, marker: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"step": 1, "model": Payload(), "train_step": {}, "config": {}, "image_shape": (1, 8, 8)}, path)
     return path
+
+
+def wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: float = 600) -> None:
+    """Wait until a training subprocess has logged `step` in its metrics.jsonl (it must still be running)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        rows = metrics.read_text().splitlines() if metrics.is_file() else []
+        if rows and json.loads(rows[-1])["step"] >= step:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the run did not reach step {step}: {proc.communicate()[1][-2000:] if proc.poll() else ''}")

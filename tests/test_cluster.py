@@ -21,7 +21,7 @@ from diffusion_lab import checkpoint, cluster
 from diffusion_lab.config import CONF_DIR, check_overrides
 from diffusion_lab.plots import read_metrics
 from diffusion_lab.train import train
-from tests.helpers import REPO, TINY, compose_config
+from tests.helpers import REPO, TINY, compose_config, wait_for_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -211,16 +211,6 @@ def test_only_rank_zero_records_the_job(slurm, tmp_path):
 # End to end: signals to training processes
 
 
-def _wait_for_step(metrics: Path, step: int, proc, timeout: float = 600) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        rows = metrics.read_text().splitlines() if metrics.is_file() else []
-        if rows and json.loads(rows[-1])["step"] >= step:
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"the run did not reach step {step}: {proc.communicate()[1][-2000:] if proc.poll() else ''}")
-
-
 def _tensors(state):
     return [*state["model"].values(), *state["train_step"]["ema"]["module"].values(),
             *[v for s in state["train_step"]["optimizer"]["state"].values() for v in s.values()]]
@@ -236,7 +226,7 @@ def test_preempted_job_started_again_continues_bit_identically(tmp_path):
     env = {**ENV, "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1"}
     first = subprocess.Popen(AS_A_JOB + args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
-    _wait_for_step(tmp_path / "job" / "metrics.jsonl", 3, first)
+    wait_for_step(tmp_path / "job" / "metrics.jsonl", 3, first)
     first.send_signal(signal.SIGUSR2)
     _, err = first.communicate(timeout=120)
     assert first.returncode == 128 + signal.SIGUSR2, err[-2000:]
@@ -279,7 +269,7 @@ def test_submitit_local_requeues_a_preempted_job_and_it_resumes(tmp_path):
         [sys.executable, "-m", "diffusion_lab.train", "-m", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}",
          *FAST, f"train.steps={steps}", "train.log_every=1", "train.checkpoint_every=100000", "train.sample_every=0"],
         cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_step(sweep / "0" / "metrics.jsonl", 3, launcher)
+    wait_for_step(sweep / "0" / "metrics.jsonl", 3, launcher)
     os.kill(_submitit_task(sweep / ".submitit"), signal.SIGUSR2)
     _, err = launcher.communicate(timeout=600)
     assert launcher.returncode == 0, err[-2000:]

@@ -27,7 +27,7 @@ from diffusion_lab.fid_tracker import FIDTracker
 from diffusion_lab.optim import TrainStep, build_optimizer
 from diffusion_lab.plots import read_metrics
 from diffusion_lab.train import train
-from tests.helpers import REPO, TINY, compose_config, run_main, write_malicious_checkpoint
+from tests.helpers import REPO, TINY, compose_config, run_main, wait_for_step, write_malicious_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -358,22 +358,12 @@ def _start(args, cwd):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_step(metrics: Path, step: int, proc, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        rows = metrics.read_text().splitlines() if metrics.is_file() else []
-        if rows and json.loads(rows[-1])["step"] >= step:
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"the run did not reach step {step}")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2])
 def test_stop_signal_writes_a_checkpoint_and_resume_auto_continues(tmp_path, signum):
     args = [*FAST, "train.steps=100000", "train.checkpoint_every=100000", "train.log_every=1"]
     proc = _start(args + [f"hydra.run.dir={tmp_path / 'outputs' / 'first'}"], tmp_path)
-    _wait_for_step(tmp_path / "outputs" / "first" / "metrics.jsonl", 3, proc)
+    wait_for_step(tmp_path / "outputs" / "first" / "metrics.jsonl", 3, proc)
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, err[-2000:]
@@ -413,7 +403,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, data):
     assert torch.get_num_threads() == 1  # as in the subprocesses: float sums may depend on the thread count
     train(compose_config(args), tmp_path / "straight")
     proc = _start(args + [f"hydra.run.dir={tmp_path / 'killed'}"], tmp_path)
-    _wait_for_step(tmp_path / "killed" / "metrics.jsonl", random.randint(6, 30), proc)
+    wait_for_step(tmp_path / "killed" / "metrics.jsonl", random.randint(6, 30), proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run ended before it was killed"
