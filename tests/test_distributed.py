@@ -187,7 +187,7 @@ def test_two_ranks_train_exactly_as_one_process_on_the_combined_batch(tmp_path):
     # element with a near-zero gradient up to ~1e-5 (a few elements of 114k), while a wrong split of the batch
     # moves thousands of elements by a whole step (~1e-3).
     m_one, m_two = moments(one), moments(two)
-    assert max_difference(m_two, m_one) < 1e-6 * max(v.abs().max().item() for v in m_one.values())
+    assert max_difference(m_two, m_one) < 1e-5 * max(v.abs().max().item() for v in m_one.values())
     assert max_difference(one["model"], initial) > 1e-3  # training moved the weights far beyond the tolerance
     assert max_difference(two["model"], one["model"]) < 1e-4
     assert max_difference(two["train_step"]["ema"]["module"], one["train_step"]["ema"]["module"]) < 1e-4

@@ -87,7 +87,7 @@ CASES = [  # (command, arguments with {name} filled from `files`, a piece of the
     (TRAIN, ["train.resume={evil}"], "refusing to load"),
     (TRAIN, ["train.resume={nan}"], "non-finite"),
     (TRAIN, ["train.resume={good}", "model.hidden_dims=[16,16]"], "model.hidden_dims: [16, 32] -> [16, 16]"),
-    (TRAIN, ["train.resume={good}", "schedule=cosine"], "schedule.name: linear -> cosine"),
+    (TRAIN, ["train.resume={good}", "schedule=linear"], "schedule.name: cosine -> linear"),
     (TRAIN, ["train.resume={good}", "logger=wandb"], "already reached step 2 of train.steps=2"),
     (TRAIN, ["hydra.run.dir={file}/run"], "is a file"),
     (TRAIN, ["hydra.run.dir={run}"], "already holds a run"),

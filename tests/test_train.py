@@ -180,10 +180,10 @@ def test_cli_multirun_two_jobs_one_wandb_group(tmp_path, launcher):
 def test_sweep_job_dir_passes_back_unquoted(tmp_path):
     """A sweep job's dir (number + swept keys) is a plain path: it resumes as `train.resume=DIR`."""
     sweep, base = tmp_path / "sweep", ["eval.every=0", "logger=none", *[o for o in TINY if not o.startswith("eval")]]
-    result = run_cli("diffusion_lab.train", ["-m", "schedule=linear", "model.dropout=0.0,0.1",
+    result = run_cli("diffusion_lab.train", ["-m", "schedule=cosine", "model.dropout=0.0,0.1",
                                              f"hydra.sweep.dir={sweep}", *base], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    job = sweep / "1-model.dropout_0.1"  # the fixed schedule=linear is not in the name
+    job = sweep / "1-model.dropout_0.1"  # the fixed schedule=cosine is not in the name
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0-model.dropout_0.0", job.name]
     more = [o for o in base if not o.startswith("train.steps")] + ["train.steps=8", "model.dropout=0.1"]
     resumed = run_cli("diffusion_lab.train", [f"train.resume={job}", f"hydra.run.dir={tmp_path / 'more'}", *more],
