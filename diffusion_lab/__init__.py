@@ -9,8 +9,8 @@ They are imported on first use, so commands that do not need torch (compare) sta
 from importlib import import_module
 
 _EXPORTS = {
-    "DiffusionProcess": ".process",
-    "DiffusionProcessCIFAR": ".process",
+    "DiffusionProcess": ".reference",
+    "DiffusionProcessCIFAR": ".reference",
     "DiffusionModel": ".models",
     "DiffusionModelCIFAR": ".models",
     "count_parameters": ".models",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -18,24 +17,16 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .build import resolve_device
-from .conditioning import balanced_labels
-from .config import CONF_DIR, HYDRA_FLAGS, check_overrides, run_command
-from .data import save_grid
-from .loggers import log_linked_run
-from .features import class_accuracy
-from .plots import plot_fid_vs_cost, plot_guidance
-from .sample import check_steps, generate, load_trained, make_fid_evaluator
-from .samplers import build_sampler, num_evaluations
-
-
-def sampler_settings(entry: DictConfig) -> Dict:
-    """A sampler option's defaults from conf/sampler/<name>.yaml, updated with the entry's values."""
-    path = CONF_DIR / "sampler" / f"{entry.name}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
-        raise ValueError(f"unknown sampler '{entry.name}'; known: {known}")
-    return OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(path), entry))
+from .config import CONF_DIR
+from .config.build import resolve_device
+from .config.preflight import checked_main, run_command
+from .config.trained import check_steps, generate, load_trained, make_fid_evaluator, sampler_settings
+from .data.images import save_grid
+from .diffusion.conditioning import balanced_labels
+from .diffusion.samplers import build_sampler, num_evaluations
+from .evaluation.features import class_accuracy
+from .evaluation.plots import plot_fid_vs_cost, plot_guidance
+from .training.loggers import log_linked_run
 
 
 def guidance_scales(cfg: DictConfig, labels: Optional[torch.Tensor]) -> List[Optional[float]]:
@@ -116,10 +107,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Check every override before Hydra starts (one-line errors), then run."""
-    if not HYDRA_FLAGS.intersection(sys.argv[1:]):
-        check_overrides(sys.argv[1:], config_name="evaluate")
-    hydra_main()
+    checked_main(hydra_main, config_name="evaluate")
 
 
 if __name__ == "__main__":

@@ -8,80 +8,21 @@ checkpoint samples `labels=[...]` or `per_class=k` (default: num_samples cycling
 """
 from __future__ import annotations
 
-import functools
 import json
-import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
-from . import checkpoint, run_dir as run_dirs
-from .build import build_dataset, build_model, build_objective, build_sampler, build_schedule, resolve_device
-from .config import CONF_DIR, HYDRA_FLAGS, check_overrides, run_command
-from .data import save_grid, to_uint8
-from .fid import FIDEvaluator
-from .fid_tracker import build_evaluator
-from .loggers import log_linked_run
-from .objectives import Objective
-from .schedules import NoiseSchedule
-
-
-@dataclass
-class Trained:
-    """A checkpoint's EMA model with the schedule and objective it was trained with."""
-
-    model: torch.nn.Module
-    schedule: NoiseSchedule
-    objective: Objective
-    config: DictConfig
-    image_shape: tuple
-    step: int
-    source: dict  # the W&B run that trained it: {"run": id, "group": group} (None values without W&B)
-
-
-def load_trained(path: Path, device: torch.device) -> Trained:
-    path = run_dirs.checkpoint_file(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    state = checkpoint.load(path, map_location=device)
-    cfg = OmegaConf.create(state["config"])
-    channels, image_size, _ = state["image_shape"]
-    embedding = state["model"].get("label_emb.weight")  # resolves model.num_classes=auto: K + 1 rows
-    model = build_model(cfg, image_size, channels, None if embedding is None else embedding.shape[0] - 1).to(device)
-    model.load_state_dict(state["train_step"]["ema"]["module"])
-    model.eval()
-    run_summary = path.parent.parent / "summary.json"  # <run dir>/checkpoints/<name>.pt
-    group = json.loads(run_summary.read_text()).get("group") if run_summary.is_file() else None
-    return Trained(model, build_schedule(cfg).to(device), build_objective(cfg), cfg,
-                   tuple(state["image_shape"]), state["step"], {"run": state.get("wandb_run_id"), "group": group})
-
-
-def check_steps(settings: dict, trained: Trained) -> None:
-    """A sampler cannot take more steps than the checkpoint's schedule has timesteps."""
-    steps, T = settings.get("steps"), trained.schedule.num_timesteps
-    if steps is not None and steps > T:
-        raise ValueError(f"sampler.steps={steps} ({settings.get('name')}) must be <= the checkpoint's "
-                         f"schedule.noise_steps={T}")
-
-
-def generate(trained: Trained, sampler: Callable, num_samples: int, batch_size: int, seed: int,
-             device: torch.device, progress: bool = True, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """num_samples images in [-1, 1] on the CPU, generated batch by batch from seeded noise; image i of a
-    conditional model has class ``labels[i]`` (guided as the sampler says)."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-    batches = []
-    for start in tqdm(range(0, num_samples, batch_size), desc="sample", disable=not progress):
-        x_T = torch.randn((min(batch_size, num_samples - start), *trained.image_shape), generator=generator,
-                          device=device)
-        y = None if labels is None else labels[start:start + len(x_T)].to(device)
-        batches.append(sampler(trained.model, trained.schedule, trained.objective, x_T, y=y, generator=generator).cpu())
-    return torch.cat(batches)
+from .config import CONF_DIR
+from .config.build import build_sampler, resolve_device
+from .config.preflight import checked_main, run_command
+from .config.trained import check_steps, generate, load_trained, make_fid_evaluator
+from .data.images import save_grid, to_uint8
+from .training.loggers import log_linked_run
 
 
 def asked_labels(cfg: DictConfig, model: torch.nn.Module) -> Optional[torch.Tensor]:
@@ -112,12 +53,6 @@ def class_rows(images: torch.Tensor, labels: torch.Tensor, per_row: int = 8) -> 
     width = max(len(r) for r in rows)
     blank = torch.full_like(images[:1], -1.0)
     return torch.cat([torch.cat([r, blank.expand(width - len(r), *r.shape[1:])]) for r in rows]), width
-
-
-def make_fid_evaluator(eval_cfg: DictConfig, train_cfg: DictConfig, device: torch.device,
-                       num_samples: int) -> FIDEvaluator:
-    """A FID evaluator against split `eval.reference` of the checkpoint's data, with its floor at num_samples."""
-    return build_evaluator(eval_cfg, functools.partial(build_dataset, train_cfg), device, num_samples)
 
 
 def sample(cfg: DictConfig, run_dir: Path) -> dict:
@@ -161,10 +96,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Check every override before Hydra starts (one-line errors), then run."""
-    if not HYDRA_FLAGS.intersection(sys.argv[1:]):
-        check_overrides(sys.argv[1:], config_name="sample")
-    hydra_main()
+    checked_main(hydra_main, config_name="sample")
 
 
 if __name__ == "__main__":

@@ -27,10 +27,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .build import build_objective, build_schedule, params
-from .config import CONF_DIR, run_command
-from .exact import ExactDenoiser, GaussianMixture
-from .samplers import build_sampler, num_evaluations, steps_for
+from .config import CONF_DIR, trained
+from .config.build import build_objective, build_schedule
+from .config.preflight import run_command
+from .diffusion.exact import ExactDenoiser, GaussianMixture
+from .diffusion.samplers import build_sampler, num_evaluations, steps_for
 
 FIELDS = ["schedule", "sampler", "grid", "nfe", "steps", "mode_weight_error", "spread_error", "spread_ratios", "sw",
           "mode_weight_floor", "spread_floor", "sw_floor", "n"]
@@ -126,12 +127,8 @@ def run_sampler(sampler: Callable, schedule, objective, truth: Truth, n: int, se
 
 def sampler_settings(name: str, overrides: Optional[DictConfig] = None) -> Dict:
     """conf/sampler/<name>.yaml as sampler parameters, updated with `overrides`; no clipping (exact denoiser)."""
-    path = CONF_DIR / "sampler" / f"{name}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
-        raise ValueError(f"unknown sampler '{name}'; known: {known}")
-    node = OmegaConf.merge(OmegaConf.load(path), overrides or {})
-    settings = params(node)
+    settings = trained.sampler_settings(OmegaConf.merge({"name": name}, overrides or {}))
+    settings.pop("name")
     settings.update(clip_x0=False, clamp_final=False)
     return settings
 
@@ -216,7 +213,8 @@ def main() -> None:
     """Unknown group options stop with one line before Hydra starts."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from .config import _check_group_choices, fail
+    from .config.preflight import _check_group_choices
+    from .errors import fail
 
     try:
         problem = _check_group_choices(OverridesParser.create().parse_overrides(

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -40,13 +39,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 
 from bench_vs_peer import eps_loss, machine_info, run_rounds  # noqa: E402  (experiments/ is on sys.path: this file's dir)
+
 from diffusion_lab.config import CONF_DIR  # noqa: E402
+from diffusion_lab.diffusion.objectives import EpsObjective  # noqa: E402
+from diffusion_lab.diffusion.samplers import build_sampler  # noqa: E402
+from diffusion_lab.diffusion.schedules import linear  # noqa: E402
 from diffusion_lab.models import unet  # noqa: E402,F401  (registers "cifar")
-from diffusion_lab.objectives import EpsObjective  # noqa: E402
-from diffusion_lab.optim import TrainStep, autocast_dtype, build_optimizer  # noqa: E402
 from diffusion_lab.registry import MODELS  # noqa: E402
-from diffusion_lab.samplers import build_sampler  # noqa: E402
-from diffusion_lab.schedules import linear  # noqa: E402
+from diffusion_lab.training.step import TrainStep, autocast_dtype, build_optimizer  # noqa: E402
 
 T, LR, GRAD_CLIP, SEED = 1000, 2e-4, 1.0, 0
 NAMES = ("diffusion_lab", "diffusers")

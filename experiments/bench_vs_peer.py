@@ -42,12 +42,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from diffusion_lab.data import digits  # noqa: E402
-from diffusion_lab.ema import EMA  # noqa: E402
+from diffusion_lab.data.datasets import digits  # noqa: E402
+from diffusion_lab.diffusion.objectives import EpsObjective  # noqa: E402
+from diffusion_lab.diffusion.schedules import linear  # noqa: E402
 from diffusion_lab.models import DiffusionModel  # noqa: E402
-from diffusion_lab.objectives import EpsObjective  # noqa: E402
-from diffusion_lab.optim import TrainStep, autocast_dtype, build_optimizer  # noqa: E402
-from diffusion_lab.schedules import linear  # noqa: E402
+from diffusion_lab.training.ema import EMA  # noqa: E402
+from diffusion_lab.training.step import TrainStep, autocast_dtype, build_optimizer  # noqa: E402
 
 T = 1000
 LR, BETAS = 1e-4, (0.9, 0.99)  # the peer Trainer's defaults, used by both

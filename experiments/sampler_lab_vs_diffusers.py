@@ -19,10 +19,10 @@ import torch
 from omegaconf import OmegaConf
 
 from diffusion_lab.config import CONF_DIR
-from diffusion_lab.objectives import EpsObjective
+from diffusion_lab.diffusion.objectives import EpsObjective
+from diffusion_lab.diffusion.samplers import build_sampler
 from diffusion_lab.registry import SCHEDULES
 from diffusion_lab.sampler_lab import Truth, make_mixture, run_sampler, sampler_settings
-from diffusion_lab.samplers import build_sampler
 
 LAB = OmegaConf.load(CONF_DIR / "sampler_lab.yaml")
 OURS = ["dpm_solver", "dpm_solver_3m"]  # the lab's default sampler first

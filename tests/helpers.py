@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import List, Sequence
 
 import numpy as np
-
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 

@@ -17,10 +17,11 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from diffusion_lab import checkpoint, cluster
-from diffusion_lab.config import CONF_DIR, check_overrides
-from diffusion_lab.plots import read_metrics
+from diffusion_lab.config import CONF_DIR
+from diffusion_lab.config.preflight import check_overrides
+from diffusion_lab.evaluation.plots import read_metrics
 from diffusion_lab.train import train
+from diffusion_lab.training import checkpoint, cluster
 from tests.helpers import REPO, TINY, compose_config, wait_for_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from diffusion_lab import compare as cmp
+from diffusion_lab.evaluation import compare as cmp
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEDULES = {"linear": {"name": "linear", "noise_steps": 1000, "beta_start": 1e-4, "beta_end": 0.02},

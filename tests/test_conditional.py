@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_lab import compare as cmp
-from diffusion_lab.build import build_components, build_dataset
-from diffusion_lab.conditioning import balanced_labels, class_grid, drop_labels, training_labels
+from diffusion_lab.config.build import build_components, build_dataset
+from diffusion_lab.diffusion.conditioning import balanced_labels, class_grid, drop_labels, training_labels
+from diffusion_lab.evaluation import compare as cmp
 from tests.helpers import TINY, compose_config, run_cli
 
 

@@ -2,8 +2,10 @@
 import pytest
 from omegaconf import OmegaConf
 
-from diffusion_lab.build import build_dataset, build_model, build_objective, build_sampler, build_schedule
-from diffusion_lab.config import CONF_DIR, ConfigError, validate
+from diffusion_lab.config import CONF_DIR
+from diffusion_lab.config.build import build_dataset, build_model, build_objective, build_sampler, build_schedule
+from diffusion_lab.config.validation import validate
+from diffusion_lab.errors import ConfigError
 from tests.helpers import compose_config
 
 GROUPS = ["model", "schedule", "objective", "sampler", "logger", "eval", "train"]

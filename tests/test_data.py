@@ -1,23 +1,20 @@
 """Datasets, the exactly resumable loader, and the image helpers (fast, no network)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from diffusion_lab.data import (
+from diffusion_lab.data.datasets import (
     DatasetNotFoundError,
-    ResumableLoader,
     TensorImageDataset,
     build_dataset,
     folder_split,
-    save_grid,
     stratified_split,
-    to_uint8,
 )
+from diffusion_lab.data.images import save_grid, to_uint8
+from diffusion_lab.data.loader import ResumableLoader
 from diffusion_lab.registry import DATASETS
 from tests.helpers import write_tiny_cifar
 

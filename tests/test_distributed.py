@@ -14,13 +14,14 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from diffusion_lab import checkpoint
-from diffusion_lab.build import build_model
-from diffusion_lab.config import ConfigError
-from diffusion_lab.data import ResumableLoader, TensorImageDataset, TransformImageDataset
-from diffusion_lab.distributed import Ranks, ranks_from_env, session, shard
-from diffusion_lab.fid_tracker import FIDTracker
+from diffusion_lab.config.build import build_model
+from diffusion_lab.data.datasets import TensorImageDataset, TransformImageDataset
+from diffusion_lab.data.loader import ResumableLoader
+from diffusion_lab.errors import ConfigError
+from diffusion_lab.evaluation.tracker import FIDTracker
 from diffusion_lab.train import build_data, seed_everything, train
+from diffusion_lab.training import checkpoint
+from diffusion_lab.training.distributed import Ranks, ranks_from_env, session, shard
 from tests.helpers import REPO, compose_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")

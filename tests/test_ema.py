@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffusion_lab.ema import EMA
+from diffusion_lab.training.ema import EMA
 
 
 def small_model():

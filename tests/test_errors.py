@@ -5,8 +5,8 @@ import re
 import pytest
 import torch
 
-from diffusion_lab import checkpoint
 from diffusion_lab.train import train
+from diffusion_lab.training import checkpoint
 from tests.helpers import TINY, compose_config, run_main, write_malicious_checkpoint, write_tiny_cifar
 
 pytestmark = pytest.mark.usefixtures("one_thread")

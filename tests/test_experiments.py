@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from diffusion_lab.build import build_dataset, build_model
-from diffusion_lab.config import CONF_DIR, validate
-from diffusion_lab.data import ResumableLoader
+from diffusion_lab.config import CONF_DIR
+from diffusion_lab.config.build import build_dataset, build_model
+from diffusion_lab.config.validation import validate
+from diffusion_lab.data.loader import ResumableLoader
 from diffusion_lab.models import count_parameters
 from diffusion_lab.train import train
 from tests.helpers import TINY, compose_config, run_main

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_lab import features
-from diffusion_lab.data import build_dataset
-from diffusion_lab.features import DigitsClassifier, classifier_score, digits_classifier
-from diffusion_lab.fid import FIDEvaluator
+from diffusion_lab.data.datasets import build_dataset
+from diffusion_lab.evaluation import features
+from diffusion_lab.evaluation.features import DigitsClassifier, classifier_score, digits_classifier
+from diffusion_lab.evaluation.fid import FIDEvaluator
 
 
 @pytest.fixture(scope="module")

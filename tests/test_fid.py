@@ -14,9 +14,9 @@ import torch
 from scipy import linalg
 from sklearn.datasets import load_digits
 
-from diffusion_lab import fid
-from diffusion_lab.features import SmallFeatureExtractor
-from diffusion_lab.fid import FIDEvaluator, FIDResult
+from diffusion_lab.evaluation import fid
+from diffusion_lab.evaluation.features import SmallFeatureExtractor
+from diffusion_lab.evaluation.fid import FIDEvaluator, FIDResult
 
 SMALL = SmallFeatureExtractor.label
 
@@ -167,7 +167,7 @@ def test_reference_stats_cached_and_reused(digits, tmp_path, monkeypatch, caplog
 
     monkeypatch.setattr(cfid, "get_model_features", no_features)
     ev2 = small_evaluator(tmp_path, max_ref_images=100)
-    with caplog.at_level("INFO", logger="diffusion_lab.fid"):
+    with caplog.at_level("INFO", logger="diffusion_lab.evaluation.fid"):
         ev2.set_reference("digits", ref)
     assert ev2.reference_source == "cache" and "loaded from cache" in caplog.text
     assert os.path.getmtime(path) == mtime
@@ -196,7 +196,7 @@ def test_inception_missing_falls_back_to_small_once(tmp_path, monkeypatch, caplo
 
     monkeypatch.setattr(fid, "build_feature_extractor", must_not_build)
     start = time.monotonic()
-    with caplog.at_level("WARNING", logger="diffusion_lab.fid"):
+    with caplog.at_level("WARNING", logger="diffusion_lab.evaluation.fid"):
         ev = FIDEvaluator(feature_extractor="inception", fallback="small", download=False, device="cpu", cache_dir=str(tmp_path))
         ev2 = FIDEvaluator(feature_extractor="inception", fallback="small", download=False, device="cpu", cache_dir=str(tmp_path))
     assert time.monotonic() - start < 30  # no hang; generous for a loaded 2-core CI machine
@@ -214,7 +214,7 @@ def test_inception_download_fails_fast_offline(mode, tmp_path, caplog):
     if os.path.exists(path):
         pytest.skip(f"clean-fid's Inception weights are installed at {path}")
     start = time.monotonic()
-    with caplog.at_level("WARNING", logger="diffusion_lab.fid"):
+    with caplog.at_level("WARNING", logger="diffusion_lab.evaluation.fid"):
         ev = FIDEvaluator(mode=mode, feature_extractor="inception", download=True, download_timeout=5, device="cpu", cache_dir=str(tmp_path))
     assert time.monotonic() - start < 60  # bounded by download_timeout, not the OS default; loaded-CI margin
     assert ev.extractor_name == "small"
@@ -225,7 +225,7 @@ def test_inception_download_fails_fast_offline(mode, tmp_path, caplog):
 def test_fallback_none_disables_fid(tmp_path, monkeypatch, caplog, digits):
     missing = tmp_path / "inception-2015-12-05.pt"
     monkeypatch.setattr(fid, "inception_weights", lambda mode: (str(missing), "https://example.invalid/x.pt"))
-    with caplog.at_level("WARNING", logger="diffusion_lab.fid"):
+    with caplog.at_level("WARNING", logger="diffusion_lab.evaluation.fid"):
         ev = FIDEvaluator(feature_extractor="inception", fallback="none", download=False, device="cpu", cache_dir=str(tmp_path))
     assert not ev.enabled and ev.extractor_name is None
     assert "FID is disabled (fallback: none)" in caplog.text and str(missing) in ev.disabled_reason
@@ -252,7 +252,7 @@ def test_cifar10_precomputed_stats_or_custom_fallback(tmp_path, monkeypatch, cap
     assert url == "https://www.cs.cmu.edu/~clean-fid/stats/cifar10_clean_train_32.npz"
 
     ev = FIDEvaluator(download=True, **kwargs)  # download attempted, fails (offline)
-    with caplog.at_level("WARNING", logger="diffusion_lab.fid"):
+    with caplog.at_level("WARNING", logger="diffusion_lab.evaluation.fid"):
         ev.set_reference("cifar10", images)
     assert ev.extractor_name == "inception" and ev.reference == "cifar10 train (40 images)"
     assert url in caplog.text and not os.path.exists(stats_file)

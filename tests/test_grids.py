@@ -4,9 +4,9 @@ from fractions import Fraction
 import pytest
 import torch
 
-from diffusion_lab import grids
+from diffusion_lab.diffusion import grids
+from diffusion_lab.diffusion.schedules import NoiseSchedule, cosine, linear, linear_betas
 from diffusion_lab.registry import GRIDS, UnknownChoiceError
-from diffusion_lab.schedules import NoiseSchedule, cosine, linear, linear_betas
 
 
 def literal(T):

@@ -1,5 +1,5 @@
 """Classifier-free guidance: the wrapper's arithmetic, and every sampler driven by an EXACT class-conditional
-denoiser (``diffusion_lab.exact.ConditionalDenoiser``) checked against closed forms.
+denoiser (``diffusion_lab.diffusion.exact.ConditionalDenoiser``) checked against closed forms.
 
 The guided Gaussian case in closed form. Class y: N(m_c, s_c^2), null class: N(m_u, s_u^2). In y = x / alpha and
 sigma = sigma_t / alpha_t (VE form) the exact predictor is eps(y, sigma) = sigma (y - m) / (s^2 + sigma^2), and the
@@ -17,12 +17,12 @@ import pytest
 import torch
 from scipy import integrate
 
-from diffusion_lab.exact import ConditionalDenoiser, ExactDenoiser, GaussianMixture, gaussian
-from diffusion_lab.guidance import Guidance, GuidedModel
-from diffusion_lab.objectives import EpsObjective, VObjective, X0Objective
+from diffusion_lab.diffusion.exact import ConditionalDenoiser, ExactDenoiser, GaussianMixture, gaussian
+from diffusion_lab.diffusion.guidance import Guidance, GuidedModel
+from diffusion_lab.diffusion.objectives import EpsObjective, VObjective, X0Objective
+from diffusion_lab.diffusion.samplers import Trajectory, build_sampler
+from diffusion_lab.diffusion.schedules import linear
 from diffusion_lab.registry import SAMPLERS
-from diffusion_lab.samplers import Trajectory, build_sampler
-from diffusion_lab.schedules import linear
 
 MIX = GaussianMixture([0.3, 0.7], [-0.5, 0.4], [0.1, 0.15])  # class 0 and class 1, one component each
 OBJECTIVES = {"eps": EpsObjective(), "x0": X0Objective(), "v": VObjective()}

@@ -3,7 +3,7 @@ known-bad image set far above its noise floor. Margins come from the table in th
 Gaussian fit 23x the floor, blur 174x, one class 190x, mean image 279x, uniform noise 150x; bootstrap 1.5x."""
 import pytest
 
-from diffusion_lab import metric_check
+from diffusion_lab.evaluation import metric_check
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from diffusion_lab.objectives import EpsObjective, Objective, VObjective, X0Objective
+from diffusion_lab.diffusion.objectives import EpsObjective, Objective, VObjective, X0Objective
+from diffusion_lab.diffusion.schedules import cosine, linear
 from diffusion_lab.registry import OBJECTIVES, UnknownChoiceError
-from diffusion_lab.schedules import cosine, linear
 
 NAMES = ["eps", "x0", "v"]
 GAMMA = 5.0

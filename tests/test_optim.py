@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from diffusion_lab.optim import LR_SCHEDULES, TrainStep, build_optimizer
+from diffusion_lab.training.step import LR_SCHEDULES, TrainStep, build_optimizer
 
 PEAK, WARMUP, TOTAL = 0.1, 4, 14
 
@@ -62,8 +62,8 @@ B, K, STEPS = 8, 4, 3
 
 def tiny_unet_step(grad_accum_steps: int, optimizer: str, grad_clip: float, seed: int = 0) -> TrainStep:
     """The real base U-Net (tiny, float64 so rounding cannot hide a difference) with an EMA."""
-    from diffusion_lab.ema import EMA
     from diffusion_lab.models.unet import DiffusionModel
+    from diffusion_lab.training.ema import EMA
 
     torch.manual_seed(seed)
     model = DiffusionModel(image_size=8, channels=1, hidden_dims=(8, 16), time_dim=16, num_heads=2,
@@ -84,7 +84,7 @@ def fixed_batches() -> list:
 
 def train_on(step: TrainStep, batches: list, chunks: int) -> list:
     """Run one optimizer step per batch, each fed to loss_fn as `chunks` consecutive slices; returns (loss, norm)s."""
-    from diffusion_lab.build import OBJECTIVES, SCHEDULES
+    from diffusion_lab.config.build import OBJECTIVES, SCHEDULES
 
     schedule, objective = SCHEDULES.build("linear").to(torch.float64), OBJECTIVES.build("eps")
     pieces = iter([tuple(part.chunk(chunks)[i] for part in batch) for batch in batches for i in range(chunks)])
@@ -146,7 +146,7 @@ def test_the_loss_scaler_scales_every_micro_batch_and_unscales_once():
 
 
 def test_grad_accum_steps_must_divide_the_batch():
-    from diffusion_lab.optim import micro_batch_size
+    from diffusion_lab.training.step import micro_batch_size
 
     assert micro_batch_size(128, 4) == 32
     with pytest.raises(ValueError, match="multiple"):

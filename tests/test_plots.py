@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_lab.plots import forward_diffusion, plot_loss, smooth
-from diffusion_lab.schedules import cosine, linear
+from diffusion_lab.diffusion.schedules import cosine, linear
+from diffusion_lab.evaluation.plots import forward_diffusion, plot_loss, smooth
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 10, 101])

@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from diffusion_lab import DiffusionModel, DiffusionModelCIFAR, DiffusionProcess, DiffusionProcessCIFAR
-from diffusion_lab.schedules import cosine_betas, linear_betas
+from diffusion_lab.diffusion.schedules import cosine_betas, linear_betas
 
 
 def digits_batch(n=8, size=8):
-    from diffusion_lab.data import digits
+    from diffusion_lab.data.datasets import digits
 
     return digits(size).images[:n]
 

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from diffusion_lab import progress
+from diffusion_lab.training import progress
 from tests.helpers import TINY, run_cli
 
 LONG = ("FID: clean-fid's Inception weights could not be loaded (HTTPError: 403). clean-fid needs the file "
@@ -14,7 +14,7 @@ LONG = ("FID: clean-fid's Inception weights could not be loaded (HTTPError: 403)
 
 def test_long_warning_is_one_console_line_and_whole_in_train_log(tmp_path, capsys):
     log_file = progress.log_to(tmp_path)
-    logging.getLogger("diffusion_lab.fid").warning(LONG)
+    logging.getLogger("diffusion_lab.evaluation.fid").warning(LONG)
     progress.log.info("short line", extra=progress.FILE_ONLY)
     progress.log.info("a short message")
     out = capsys.readouterr().out.splitlines()

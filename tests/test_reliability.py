@@ -19,14 +19,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from diffusion_lab import checkpoint, outputs
-from diffusion_lab.checkpoint import CheckpointError
-from diffusion_lab.config import CONF_DIR, ConfigError
-from diffusion_lab.fid import FIDResult
-from diffusion_lab.fid_tracker import FIDTracker
-from diffusion_lab.optim import TrainStep, build_optimizer
-from diffusion_lab.plots import read_metrics
+from diffusion_lab.config import CONF_DIR
+from diffusion_lab.errors import ConfigError
+from diffusion_lab.evaluation.fid import FIDResult
+from diffusion_lab.evaluation.plots import read_metrics
+from diffusion_lab.evaluation.tracker import FIDTracker
 from diffusion_lab.train import train
+from diffusion_lab.training import checkpoint, outputs
+from diffusion_lab.training.checkpoint import CheckpointError
+from diffusion_lab.training.step import TrainStep, build_optimizer
 from tests.helpers import REPO, TINY, compose_config, run_main, wait_for_step, write_malicious_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -112,7 +113,7 @@ def test_broken_checkpoint_is_one_line(finished_run, tmp_path, content):
 WRITER = """
 import sys, torch
 from pathlib import Path
-from diffusion_lab import checkpoint
+from diffusion_lab.training import checkpoint
 value = int(sys.argv[2])
 for _ in range(40):
     checkpoint.save(Path(sys.argv[1]), {"value": value, "payload": torch.full((200_000,), float(value))})
@@ -165,11 +166,10 @@ def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
 
 
 def test_run_dirs_started_in_the_same_second_differ(monkeypatch):
+    import hydra.core.utils as hydra_utils
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.utils import setup_globals
-
-    import hydra.core.utils as hydra_utils
 
     class Frozen(datetime):
         @classmethod
@@ -244,7 +244,7 @@ def test_a_run_continues_in_its_own_dir_without_duplicated_metrics(tmp_path):
 def _tiny_step(**kwargs):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
-    from diffusion_lab.ema import EMA
+    from diffusion_lab.training.ema import EMA
 
     ema = EMA(model, decay=0.9)
     step = TrainStep(model, build_optimizer(model.parameters(), "adamw", 1e-2), "cpu", "fp32",
@@ -426,7 +426,8 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path, data):
 
 def test_starting_a_dataloader_leaves_the_global_rng_alone(tmp_path):
     """Resume restores the global torch RNG (dropout); a file-backed loader must not draw from it."""
-    from diffusion_lab.data import ResumableLoader, folder
+    from diffusion_lab.data.datasets import folder
+    from diffusion_lab.data.loader import ResumableLoader
 
     loader = ResumableLoader(folder(str(_write_image_folder(tmp_path / "images", n=8)), image_size=8), 4, seed=0)
     torch.manual_seed(0)

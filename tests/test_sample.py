@@ -6,10 +6,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from diffusion_lab import checkpoint
+from diffusion_lab.config.trained import load_trained
 from diffusion_lab.evaluate import evaluate
-from diffusion_lab.sample import load_trained, sample
+from diffusion_lab.sample import sample
 from diffusion_lab.train import train
+from diffusion_lab.training import checkpoint
 from tests.helpers import TINY, compose_config, run_cli
 
 

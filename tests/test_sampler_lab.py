@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from diffusion_lab.objectives import EpsObjective
-from diffusion_lab.sampler_lab import Truth, make_mixture, run_sampler, score, sampler_settings
-from diffusion_lab.samplers import build_sampler, steps_for
-from diffusion_lab.schedules import cosine, linear
+from diffusion_lab.diffusion.objectives import EpsObjective
+from diffusion_lab.diffusion.samplers import build_sampler, steps_for
+from diffusion_lab.diffusion.schedules import cosine, linear
+from diffusion_lab.sampler_lab import Truth, make_mixture, run_sampler, sampler_settings, score
 from tests.helpers import run_cli
 
 N = 2000

@@ -1,7 +1,7 @@
 """Samplers against an EXACT denoiser.
 
 Per pixel, x0 ~ sum_k w_k N(m_k, s_k^2) (one component: a Gaussian); the exact E[eps|x_t], E[x0|x_t] and v
-come from ``diffusion_lab.exact`` (closed forms, not objectives.py).
+come from ``diffusion_lab.diffusion.exact`` (closed forms, not objectives.py).
 
 Every sample statistic is compared with theory within 5 standard errors plus, where the sampler is not
 exact for a finite number of steps, a discretization allowance. The allowances are not guesses: for
@@ -17,15 +17,14 @@ import math
 import pytest
 import torch
 
-from diffusion_lab import grids
-from diffusion_lab.exact import ExactDenoiser, GaussianMixture
-from diffusion_lab.objectives import EpsObjective, VObjective, X0Objective
-from diffusion_lab.registry import SAMPLERS, UnknownChoiceError
-from diffusion_lab.samplers import (
+from diffusion_lab.diffusion import grids
+from diffusion_lab.diffusion.exact import ExactDenoiser, GaussianMixture
+from diffusion_lab.diffusion.objectives import EpsObjective, VObjective, X0Objective
+from diffusion_lab.diffusion.samplers import (
     Trajectory,
+    _grid_to_zero,
     build_sampler,
     ddim,
-    _grid_to_zero,
     ddpm,
     denoise,
     dpm_solver,
@@ -36,7 +35,8 @@ from diffusion_lab.samplers import (
     pc,
     steps_for,
 )
-from diffusion_lab.schedules import NoiseSchedule, cosine, linear, linear_betas
+from diffusion_lab.diffusion.schedules import NoiseSchedule, cosine, linear, linear_betas
+from diffusion_lab.registry import SAMPLERS, UnknownChoiceError
 
 MU, S = 0.3, 0.2  # the Gaussian data
 MIX = ([0.3, 0.7], [-0.5, 0.4], [0.1, 0.15])  # weights, means, stds of the two-mode mixture
@@ -46,7 +46,7 @@ K_SE = 5.0
 
 
 def _model(schedule, weights, means, stds, kind="eps"):
-    """The exact denoiser of per-pixel mixture data (diffusion_lab.exact)."""
+    """The exact denoiser of per-pixel mixture data (diffusion_lab.diffusion.exact)."""
     return ExactDenoiser(schedule, GaussianMixture(weights, means, stds), kind)
 
 

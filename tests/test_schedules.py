@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 
+from diffusion_lab.config.validation import validate
+from diffusion_lab.diffusion.schedules import NoiseSchedule, cosine, extract, linear, linear_betas, terminal_signal
+from diffusion_lab.errors import ConfigError
 from diffusion_lab.registry import SCHEDULES, UnknownChoiceError
-from diffusion_lab.config import ConfigError, validate
-from diffusion_lab.schedules import NoiseSchedule, cosine, extract, linear, linear_betas, terminal_signal
 from tests.helpers import compose_config, run_cli
 
 TENSORS = (

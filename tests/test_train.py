@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-from diffusion_lab import checkpoint
-from diffusion_lab.plots import read_metrics
+from diffusion_lab.evaluation.plots import read_metrics
 from diffusion_lab.train import train
+from diffusion_lab.training import checkpoint
 from tests.helpers import REPO, TINY, compose_config, read_wandb_records, run_cli, write_tiny_cifar
 
 

@@ -3,14 +3,13 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from diffusion_lab.diffusion.objectives import EpsObjective
+from diffusion_lab.diffusion.schedules import linear
 from diffusion_lab.models import DiffusionModel, DiffusionModelCIFAR, count_parameters
 from diffusion_lab.models.unet import ResBlock, SelfAttention, TimeEmbedding
-from diffusion_lab.objectives import EpsObjective
 from diffusion_lab.registry import MODELS
-from diffusion_lab.schedules import linear
 
 DDPM_CIFAR10_PARAMS = 35_746_307  # diffusion_tf, ch=128, ch_mult=(1,2,2,2), 2 res blocks, attention at 16
 
@@ -73,7 +72,7 @@ def test_empty_hidden_dims_and_bad_groups():
 
 def test_ddpm_recipe_parameter_count():
     """experiment=ddpm_cifar10 builds the paper's network: DDPM's 35,746,307 parameters exactly."""
-    from diffusion_lab.build import build_model
+    from diffusion_lab.config.build import build_model
     from tests.helpers import compose_config
 
     cfg = compose_config(["experiment=ddpm_cifar10"])

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError
+from ..errors import ConfigError
 
 # Keys that may differ between a run and its continuation (the rhythm of the run, not what it trains).
 RESUME_FREE_KEYS = ("train.steps", "train.resume", "train.log_every", "train.sample_every",

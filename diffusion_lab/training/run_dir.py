@@ -53,7 +53,7 @@ def checkpoint_file(path: Path) -> Path:
 
 def claim(run_dir: Path, resume_from: Optional[Path] = None) -> None:
     """Create `run_dir`; refuse one that already holds a run, unless that run is the one being resumed."""
-    from .config import ConfigError
+    from ..errors import ConfigError
 
     run_dir = Path(run_dir)
     found = [name for name in RUN_ARTEFACTS if (run_dir / name).exists()]

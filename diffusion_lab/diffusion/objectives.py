@@ -17,7 +17,7 @@ from typing import Tuple
 
 import torch
 
-from .registry import OBJECTIVES
+from ..registry import OBJECTIVES
 from .schedules import NoiseSchedule, extract
 
 WEIGHTINGS = ("uniform", "min_snr")

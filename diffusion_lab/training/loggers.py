@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 from omegaconf import OmegaConf
 
-from .registry import LOGGERS
+from ..registry import LOGGERS
 
 
 @LOGGERS.register("none")

@@ -2,16 +2,18 @@
 objective and sampler config nodes into objects."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import conditioning, data, models, objectives, samplers, schedules  # noqa: F401  (registers components)
-from .objectives import Objective
-from .registry import MODELS, OBJECTIVES, SCHEDULES
-from .schedules import NoiseSchedule
+from .. import models  # noqa: F401  (registers the models)
+from ..data import datasets as data
+from ..diffusion import conditioning, objectives, samplers, schedules  # noqa: F401  (registers components)
+from ..diffusion.objectives import Objective
+from ..diffusion.schedules import NoiseSchedule
+from ..registry import MODELS, OBJECTIVES, SCHEDULES
+from ..training.loop import Components
 
 
 def params(node: DictConfig) -> Dict[str, Any]:
@@ -54,17 +56,6 @@ def build_model(cfg: DictConfig, image_size: int, channels: int, data_classes: O
 
 def build_sampler(cfg: DictConfig) -> Callable[..., torch.Tensor]:
     return samplers.build_sampler(cfg.sampler.name, **params(cfg.sampler))
-
-
-@dataclass
-class Components:
-    """Everything a run is made of, built from the config."""
-
-    model: torch.nn.Module
-    schedule: NoiseSchedule
-    objective: Objective
-    sampler: Callable[..., torch.Tensor]
-    image_shape: tuple  # (channels, image_size, image_size)
 
 
 def build_components(cfg: DictConfig, device: torch.device, image_size: int, channels: int,

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .distributed import Ranks
 from .features import digits_classifier
 from .fid import FIDEvaluator, FIDResult
 
@@ -38,6 +37,16 @@ def build_evaluator(eval_cfg, datasets: Callable[[str], torch.utils.data.Dataset
         evaluator.set_reference(train.name, reference, resolution=train.image_size, split=eval_cfg.reference)
         evaluator.set_floor(train, num_samples)
     return evaluator
+
+
+class _SingleProcess:
+    """The ranks of a run without data parallelism: rank 0 of 1."""
+
+    rank, world_size = 0, 1
+
+    @staticmethod
+    def all_gather(obj: Any) -> list:
+        return [obj]
 
 
 class FIDTracker:
@@ -73,11 +82,13 @@ class FIDTracker:
     def due(self, step: int) -> bool:
         return self.enabled and step % self.every == 0
 
-    def evaluate(self, sample: Callable[[torch.Tensor, int], torch.Tensor], ranks: Ranks = Ranks()) -> FIDResult:
+    def evaluate(self, sample: Callable[[torch.Tensor, int], torch.Tensor], ranks: Any = None) -> FIDResult:
         """FID of `num_samples` images from sample(x_T, seed) against the reference statistics.
 
+        ranks: a `training.distributed.Ranks` (rank, world_size, all_gather); None is a single process.
         With several ranks each generates and embeds a contiguous share of the batches; the features are
         gathered to every rank in batch order, so all ranks hold the single-process result."""
+        ranks = ranks or _SingleProcess()
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             mine = [sample(x_T, self.seed + k).cpu() for k, x_T in self._batches(ranks)]
@@ -86,7 +97,7 @@ class FIDTracker:
         self.label, self.last = result.label(), result
         return result
 
-    def _batches(self, ranks: Ranks) -> Iterator[Tuple[int, torch.Tensor]]:
+    def _batches(self, ranks: Any) -> Iterator[Tuple[int, torch.Tensor]]:
         """(k, x_T) of this rank's batches. Every rank draws all the starting noise in order, so batch k has
         the same x_T (and sampler seed seed + k) whatever the number of ranks."""
         noise = torch.Generator().manual_seed(self.seed)

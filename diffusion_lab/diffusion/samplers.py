@@ -28,8 +28,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from tqdm.auto import tqdm
 
+from ..registry import SAMPLERS
 from . import grids, guidance
-from .registry import SAMPLERS
 from .schedules import NoiseSchedule, extract
 
 RUNTIME_ARGS = ("generator", "callback")  # passed at call time, never bound from a config

@@ -10,8 +10,8 @@ from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import torch
 
+from ..registry import LR_SCHEDULES
 from .ema import EMA
-from .registry import LR_SCHEDULES
 
 
 @LR_SCHEDULES.register("constant")

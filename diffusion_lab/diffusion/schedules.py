@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .registry import SCHEDULES
+from ..registry import SCHEDULES
 
 
 def extract(values: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -12,12 +12,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from .ema import EMA
+from .diffusion.objectives import EpsObjective
+from .diffusion.samplers import ddim, ddpm
+from .diffusion.schedules import NoiseSchedule, cosine_betas, linear_betas
 from .models import DiffusionModel, DiffusionModelCIFAR
-from .objectives import EpsObjective
-from .optim import TrainStep, build_optimizer
-from .samplers import ddim, ddpm
-from .schedules import NoiseSchedule, cosine_betas, linear_betas
+from .training.ema import EMA
+from .training.step import TrainStep, build_optimizer
 
 # reference attribute name -> NoiseSchedule attribute (beta_schedule rebuilds the whole schedule when assigned)
 SCHEDULE_ARRAYS = {

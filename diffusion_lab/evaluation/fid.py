@@ -275,7 +275,7 @@ class FIDEvaluator:
             self.extractor_name = "digits"
             return choice.to(self.device)
         if choice == "digits":
-            from .data import digits  # the default split's train images
+            from ..data.datasets import digits  # the default split's train images
 
             train = digits(split="train")
             self.extractor_name = "digits"

@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping, Sequence, Union
 
 import torch
 
-from .registry import GRIDS
+from ..registry import GRIDS
 from .schedules import NoiseSchedule
 
 Grid = Union[str, Sequence[int], Mapping[str, Any], Callable[..., torch.Tensor]]

@@ -10,8 +10,9 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from . import checkpoint, progress, run_dir as run_dirs
-from .data import save_grid
+from ..data.images import save_grid
+from . import checkpoint, progress
+from . import run_dir as run_dirs
 from .loggers import LOGGERS
 
 SUMMARY_KEYS = ("final_loss", "best_fid", "final_fid", "fid_floor", "fid_floor_n", "fid_label", "train_images_per_s",

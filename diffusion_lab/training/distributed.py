@@ -14,11 +14,7 @@ from typing import Any, Iterator, List, Tuple
 import torch
 import torch.distributed as dist
 
-
-def shard(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """Rank `rank`'s contiguous 1/world_size of x along dim 0: how a global batch is split."""
-    n = x.shape[0] // world_size
-    return x[rank * n:(rank + 1) * n]
+from ..data.loader import shard
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ..data.loader import ResumableLoader
+from ..evaluation.tracker import FIDTracker
 from . import checkpoint
-from .data import ResumableLoader
 from .distributed import Ranks
-from .fid_tracker import FIDTracker
-from .optim import TrainStep
+from .step import TrainStep
 
 
 @dataclass

@@ -1,0 +1,186 @@
+"""Typed validation of a composed config: every bad value stops with one line naming the key.
+
+`validate` checks types and ranges of the composed values before any work starts.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable, Sequence, Tuple
+
+from omegaconf import DictConfig, OmegaConf
+
+from ..errors import ConfigError
+from ..training import run_dir
+
+Rule = Tuple[str, type, Callable[[Any], bool], str]
+
+_positive = (lambda v: v > 0, "> 0")
+_non_negative = (lambda v: v >= 0, ">= 0")
+_unit = (lambda v: 0 <= v < 1, "in [0, 1)")
+_closed_unit = (lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+def _rule(key: str, kind: type, check: Tuple[Callable[[Any], bool], str]) -> Rule:
+    return key, kind, check[0], check[1]
+
+
+_device = (lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None, "auto, cpu, mps, cuda or cuda:N")
+
+
+def _one_of(*choices: Any) -> Tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in choices, "one of " + ", ".join(map(str, choices)))
+
+
+RULES: Sequence[Rule] = (
+    _rule("seed", int, _non_negative),
+    _rule("device", str, _device),
+    _rule("num_samples", int, _positive),
+    _rule("per_class", int, _positive),
+    _rule("batch_size", int, _positive),
+    _rule("data.image_size", int, _positive),
+    _rule("data.channels", int, _one_of(1, 3)),
+    _rule("model.time_dim", int, _positive),
+    _rule("model.num_heads", int, _positive),
+    _rule("model.norm_groups", int, _positive),
+    _rule("model.dropout", float, _unit),
+    _rule("model.num_res_blocks", int, _positive),
+    _rule("model.base_channels", int, _positive),
+    _rule("schedule.noise_steps", int, _positive),
+    _rule("schedule.beta_start", float, _unit),
+    _rule("schedule.beta_end", float, _unit),
+    _rule("schedule.s", float, _non_negative),
+    _rule("schedule.max_beta", float, _unit),
+    _rule("schedule.zero_terminal_snr", bool, (lambda v: True, "true or false")),
+    _rule("schedule.max_terminal_signal", float, _positive),
+    _rule("objective.weighting", str, _one_of("uniform", "min_snr")),
+    _rule("objective.snr_gamma", float, _positive),
+    _rule("sampler.steps", int, _positive),
+    _rule("sampler.eta", float, _closed_unit),
+    _rule("sampler.snr", float, _non_negative),
+    _rule("sampler.variance", str, _one_of("fixed_small", "fixed_large")),
+    _rule("sampler.guidance_scale", float, _non_negative),
+    _rule("sampler.guidance_rescale", float, _closed_unit),
+    _rule("train.cond_drop_prob", float, _closed_unit),
+    _rule("train.steps", int, _positive),
+    _rule("train.batch_size", int, _positive),
+    _rule("train.grad_accum_steps", int, _positive),
+    _rule("train.optimizer", str, _one_of("adam", "adamw")),
+    _rule("train.lr", float, _positive),
+    _rule("train.weight_decay", float, _non_negative),
+    _rule("train.warmup_steps", int, _non_negative),
+    _rule("train.grad_clip", float, _non_negative),
+    _rule("train.ema_decay", float, _unit),
+    _rule("train.precision", str, _one_of("auto", "fp32", "bf16", "fp16")),
+    _rule("train.num_workers", int, _non_negative),
+    _rule("train.log_every", int, _positive),
+    _rule("train.sample_every", int, _non_negative),
+    _rule("train.num_grid_samples", int, _positive),
+    _rule("train.checkpoint_every", int, _non_negative),
+    _rule("train.max_bad_steps", int, _positive),
+    _rule("train.overfit_batches", int, _non_negative),
+    _rule("eval.every", int, _non_negative),
+    _rule("eval.num_samples", int, _positive),
+    _rule("eval.batch_size", int, _positive),
+    _rule("eval.mode", str, _one_of("clean", "legacy_pytorch", "legacy_tensorflow")),
+    _rule("eval.reference", str, _one_of("test", "train")),
+    _rule("eval.feature_extractor", str, _one_of("auto", "inception", "digits", "small")),
+    _rule("eval.fallback", str, _one_of("small", "none")),
+)
+
+
+def _typed(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def check_required(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first `???` value that was not given."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]} is required: add {missing[0]}=...")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError (one line) for a missing required value, or one of the wrong type or range."""
+    check_required(cfg)
+    for key, kind, ok, expected in RULES:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        if not _typed(value, kind):
+            raise ConfigError(f"{key}={value!r} must be {kind.__name__} ({expected})")
+        if not ok(value):
+            raise ConfigError(f"{key}={value!r} must be {expected}")
+    betas = OmegaConf.select(cfg, "train.betas", default=None)
+    if betas is not None and not (len(betas) == 2 and all(0 <= b < 1 for b in betas)):
+        raise ConfigError(f"train.betas={list(betas)} must be two values in [0, 1)")
+    resume = OmegaConf.select(cfg, "train.resume", default=None)
+    if resume not in (None, "auto") and not run_dir.checkpoint_file(Path(str(resume))).is_file():
+        raise ConfigError(f"train.resume={resume!r} must be auto, an existing checkpoint file or a run dir with one")
+    _check_sampler_fits_schedule(cfg)
+    _check_sampling(cfg)
+    _check_lr_schedule(cfg)
+    _check_grad_accum(cfg)
+    _check_num_classes(cfg)
+
+
+def _check_lr_schedule(cfg: DictConfig) -> None:
+    from ..training.step import LR_SCHEDULES  # importing optim registers the schedules
+
+    name = OmegaConf.select(cfg, "train.lr_schedule", default=None)
+    if name is not None and name not in LR_SCHEDULES:
+        raise ConfigError(f"train.lr_schedule={name!r} must be one of {', '.join(LR_SCHEDULES.names())}")
+
+
+def _check_grad_accum(cfg: DictConfig) -> None:
+    from ..training.step import micro_batch_size
+
+    batch_size = OmegaConf.select(cfg, "train.batch_size", default=None)
+    if batch_size is not None:
+        try:
+            micro_batch_size(batch_size, OmegaConf.select(cfg, "train.grad_accum_steps", default=1))
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+
+
+def _check_num_classes(cfg: DictConfig) -> None:
+    """model.num_classes is null, auto or a positive count (whether the data has labels is checked on building)."""
+    from ..diffusion.conditioning import resolve_num_classes
+
+    value = OmegaConf.select(cfg, "model.num_classes", default=None)
+    try:
+        resolve_num_classes(value, 1)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(str(error)) from error
+
+
+def _check_sampler_fits_schedule(cfg: DictConfig) -> None:
+    """A sampler cannot take more steps than the schedule has timesteps (caught here, not after training)."""
+    steps = OmegaConf.select(cfg, "sampler.steps", default=None)
+    noise_steps = OmegaConf.select(cfg, "schedule.noise_steps", default=None)
+    if noise_steps is not None and noise_steps < 2:
+        raise ConfigError(f"schedule.noise_steps={noise_steps} must be >= 2")
+    if steps is not None and noise_steps is not None and steps > noise_steps:
+        raise ConfigError(f"sampler.steps={steps} must be <= schedule.noise_steps={noise_steps}")
+
+
+def _check_sampling(cfg: DictConfig) -> None:
+    """The grid is a registered name (or a list); the schedule builds (terminal signal); eps needs alpha_bar_{T-1} > 0."""
+    from ..registry import GRIDS
+    from .build import build_schedule
+
+    grid = OmegaConf.select(cfg, "sampler.grid", default=None)
+    if isinstance(grid, str) and grid not in GRIDS:
+        raise ConfigError(f"sampler.grid='{grid}' must be one of {', '.join(GRIDS.names())} or a list of timesteps")
+    if OmegaConf.select(cfg, "schedule.name", default=None) is not None:
+        try:
+            build_schedule(cfg)  # refuses a schedule that leaves signal at t = T-1
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+        if cfg.schedule.get("zero_terminal_snr") and OmegaConf.select(cfg, "objective.name", default=None) == "eps":
+            raise ConfigError("schedule.zero_terminal_snr=true needs objective=v or x0: eps cannot give x0 at "
+                              "alpha_bar = 0")

@@ -1,0 +1,316 @@
+"""The training loop and the phases around it: what a run is made of (`Run`), restoring a checkpoint into it,
+the steps with their log points, checkpoints, sample grids and FID (`Loop`), and the run's last pictures and
+summary (`finish`).
+
+The loop only talks to interfaces: `schedule.add_noise`, `objective.loss`, `sampler(...)`; it does not know
+which schedule, objective, sampler or model it holds. Every write goes through `Outputs` (rank 0 only).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..data.loader import ResumableLoader
+from ..diffusion.conditioning import balanced_labels, class_grid, training_labels
+from ..diffusion.objectives import Objective
+from ..diffusion.samplers import Trajectory, num_evaluations
+from ..diffusion.schedules import NoiseSchedule
+from ..errors import error_line
+from ..evaluation.plots import denoising_trajectory, forward_diffusion, plot_curves, plot_loss
+from ..evaluation.tracker import FIDTracker
+from ..models import count_parameters
+from ..registry import SCHEDULES
+from . import checkpoint, preemption, progress
+from .distributed import Ranks
+from .ema import EMA
+from .loggers import sweep_tags
+from .outputs import Outputs, run_name
+from .run_state import RunState
+from .step import TrainStep
+
+log = progress.log
+
+@dataclass
+class Components:
+    """Everything a run is made of, built from the config."""
+
+    model: torch.nn.Module
+    schedule: NoiseSchedule
+    objective: Objective
+    sampler: Callable[..., torch.Tensor]
+    image_shape: tuple  # (channels, image_size, image_size)
+
+
+class Diverged(RuntimeError):
+    """max_bad_steps consecutive non-finite steps; the message says which checkpoint is kept."""
+
+
+def diverged_message(bad_steps: int, step: int, kept: Optional[tuple]) -> str:
+    """One true line about a diverged run: how many steps failed and which checkpoint is kept."""
+    where = (f"the last checkpoint is {kept[0]} (step {kept[1]}, finite weights)" if kept
+             else "no checkpoint was written before it")
+    return (f"training diverged: {bad_steps} consecutive steps up to step {step} had a non-finite loss or "
+            f"gradient (their updates were skipped); {where}; lower train.lr or raise train.max_bad_steps")
+
+
+@dataclass
+class Run:
+    """What a run is made of, built once from the config (what changes while it trains is its RunState)."""
+
+    cfg: DictConfig
+    ranks: Ranks
+    device: torch.device
+    dataset: Any
+    parts: Components
+    ema: EMA
+    step_fn: TrainStep
+    loader: ResumableLoader
+    fid: FIDTracker
+    forward: Callable[..., torch.Tensor]  # the model as the loss calls it: DDP-wrapped and/or compiled
+    noise_generator: torch.Generator  # timesteps and noise, the same on every rank
+    grid_noise: torch.Tensor  # fixed starting noise of the sample grids, so they compare over time
+
+    def loss(self, batch: Tuple[torch.Tensor, Optional[torch.Tensor]]) -> torch.Tensor:
+        """The objective's loss on this rank's part of the batch (images, labels). Timesteps, noise and label
+        dropout are drawn for the whole global batch and sliced, so N ranks train exactly as one process on the
+        combined batch."""
+        (x0, y), schedule, ranks = batch, self.parts.schedule, self.ranks
+        n = x0.shape[0] * ranks.world_size
+        t = ranks.shard(schedule.sample_timesteps(n, self.device, self.noise_generator))
+        eps = ranks.shard(torch.randn((n, *x0.shape[1:]), generator=self.noise_generator, device=self.device))
+        x_t, _ = schedule.add_noise(x0, t, eps)
+        cond = training_labels(self.parts.model, y, self.cfg.train.cond_drop_prob, self.noise_generator, ranks)
+        return self.parts.objective.loss(self.forward(x_t, t, **cond), x0, eps, schedule, t)  # cond: {} or {"y"}
+
+    def generate(self, x_T: torch.Tensor, seed: int, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Samples of the EMA model from x_T with the configured sampler (a conditional model: labels y, by
+        default every class in turn)."""
+        y = balanced_labels(self.parts.model, x_T.shape[0], self.device) if y is None else y
+        return self.parts.sampler(self.ema.module, self.parts.schedule, self.parts.objective, x_T.to(self.device),
+                                  y=y, generator=torch.Generator(device=self.device).manual_seed(seed))
+
+    def sample_grid(self) -> Tuple[torch.Tensor, Optional[int]]:
+        """(images, per row) of the sample grid from the fixed grid noise: one row per class when conditional."""
+        labels, per_class = class_grid(self.parts.model, len(self.grid_noise), self.device)
+        noise = self.grid_noise if labels is None else self.grid_noise[:len(labels)]
+        return self.generate(noise, self.cfg.seed, labels), per_class
+
+
+def new_state(run: Run, config: Dict[str, Any]) -> RunState:
+    return RunState(run.parts.model, run.step_fn, run.loader, run.fid, run.noise_generator, run.ranks,
+                    info={"config": config, "num_parameters": count_parameters(run.parts.model),
+                          "image_shape": run.parts.image_shape, "dataset_name": run.dataset.name})
+
+
+# ------------------------------------------------------------------------------------------------
+# Restore
+
+
+def restore(state: RunState, saved: Dict[str, Any], source: Path, out: Outputs) -> None:
+    """Continue from checkpoint `saved` (read from `source`): state, and the metrics up to its step."""
+    try:
+        state.load_state_dict(saved)
+    except (KeyError, RuntimeError, ValueError, TypeError) as error:  # a hand-made or foreign file
+        raise checkpoint.CheckpointError(f"cannot resume from {source}: {error_line(error)}") from error
+    out.carry_metrics(source.parent.parent, state.step)
+    log.info(f"resumed from {source} at step {state.step}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Loop and evaluate
+
+
+@dataclass
+class Window:
+    """Sums over the steps since the last log point (seconds: training steps only)."""
+
+    loss: float = 0.0
+    grad_norm: float = 0.0
+    n: int = 0
+    seconds: float = 0.0
+
+
+class Loop:
+    """The training loop: steps, and at their rhythm log points, checkpoints, sample grids and FID."""
+
+    def __init__(self, run: Run, state: RunState, out: Outputs, kept: Optional[tuple]):
+        self.run, self.state, self.out, self.t = run, state, out, run.cfg.train
+        self.kept = kept  # the newest checkpoint of this run: (path, step)
+        self.window, self.bad_steps, self.train_seconds = Window(), 0, 0.0
+        self.first_step, self.grid_path, self.stopped = state.step, None, False
+
+    def run_steps(self) -> preemption.Preemption:
+        """Train up to train.steps or a stop signal (on any rank); returns the signal handler."""
+        batches = iter(self.run.loader)
+        with preemption.Preemption() as stop, progress.Progress(self.t.steps, self.state.step) as bar:
+            self.state.started = time.perf_counter()
+            while self.state.step < self.t.steps and not self.run.ranks.any(stop.requested):
+                self.step(batches)
+                self.after_step(bar)
+                bar.update()
+            self.stopped = self.run.ranks.any(stop.requested)
+            if self.stopped:
+                self.kept = self.save("last.pt")
+        return stop
+
+    def step(self, batches) -> None:
+        """One optimizer step; a run of max_bad_steps skipped (non-finite) steps raises Diverged."""
+        started = time.perf_counter()
+        loss, grad_norm = self.run.step_fn(lambda: self.run.loss(next(batches)))
+        self.window.seconds += time.perf_counter() - started
+        self.state.step += 1
+        self.bad_steps = self.bad_steps + 1 if self.run.step_fn.skipped else 0
+        if self.bad_steps:
+            log.warning(f"step {self.state.step}: loss {loss}, grad norm {grad_norm}: update skipped "
+                        f"({self.bad_steps}/{self.t.max_bad_steps} in a row)")
+            if self.bad_steps >= self.t.max_bad_steps:
+                raise Diverged(diverged_message(self.bad_steps, self.state.step, self.kept))
+        else:
+            self.window.loss += loss
+            self.window.grad_norm += grad_norm
+            self.window.n += 1
+
+    def after_step(self, bar: progress.Progress) -> None:
+        """Log point, checkpoint (before the grid and FID, which can fail), sample grid and FID when due."""
+        t, step, fid = self.t, self.state.step, self.run.fid
+        last = step == t.steps
+        if (step % t.log_every == 0 or last) and self.window.n:
+            self.log_point(bar)
+        checkpoint_due = bool(t.checkpoint_every and step % t.checkpoint_every == 0) or last
+        if checkpoint_due:
+            self.kept = self.save("last.pt")
+        if (t.sample_every and step % t.sample_every == 0) or last:
+            self.grid_path = self.out.grid(step, self.run.sample_grid)
+        if fid.due(step) or (last and fid.enabled):
+            self.evaluate(checkpoint_due)
+
+    def log_point(self, bar: progress.Progress) -> None:
+        """Mean loss over the window (and over the ranks), learning rate, grad norm and throughput."""
+        w, t, step, lr = self.window, self.t, self.state.step, self.run.step_fn.last_lr
+        mean_loss = self.run.ranks.mean(w.loss / w.n)
+        images_per_s = w.n * t.batch_size / w.seconds
+        self.train_seconds += w.seconds
+        self.state.loss_history.append((step, mean_loss))
+        self.out.log({"loss": mean_loss, "lr": lr, "grad_norm": w.grad_norm / w.n, "images_per_s": images_per_s,
+                      "epoch": step * t.batch_size / len(self.run.dataset)}, step)
+        bar.report(step, mean_loss, lr, images_per_s)
+        self.window = Window()
+
+    def evaluate(self, checkpoint_due: bool) -> None:
+        """FID of the EMA model (generation split over the ranks); best.pt when it is the best so far."""
+        fid, step = self.run.fid, self.state.step
+        result = fid.evaluate(self.run.generate, self.run.ranks)
+        log.info(f"step {step}: {result}")
+        self.out.log({"fid": result.value, "fid_floor": result.floor, **result.scores}, step)
+        if fid.record(step, result):
+            self.save("best.pt")
+        if checkpoint_due:  # again, now holding this step's FID
+            self.save("last.pt")
+
+    def save(self, name: str) -> tuple:
+        """Write checkpoints/`name` (rank 0); returns (path, step)."""
+        return self.out.checkpoint(name, self.state.state_dict()), self.state.step
+
+    @property
+    def images_per_s(self) -> Optional[float]:
+        done = self.state.step - self.first_step
+        return done * self.t.batch_size / (self.train_seconds + self.window.seconds) if done else None
+
+
+# ------------------------------------------------------------------------------------------------
+# Finish
+
+
+def sampler_options(cfg: DictConfig) -> Dict[str, Any]:
+    """The configured sampler's options (its config node without `name`)."""
+    options = OmegaConf.to_container(cfg.sampler, resolve=True)
+    options.pop("name", None)
+    return options
+
+
+def write_pictures(cfg: DictConfig, dataset, parts, sample_model: torch.nn.Module, x_T: torch.Tensor,
+                   run_dir: Path) -> Dict[str, Path]:
+    """forward_diffusion.png (linear vs cosine on the same images) and trajectory.png (x_t, x0_pred)."""
+    T = parts.schedule.num_timesteps
+    schedules = {name: SCHEDULES.build(name, noise_steps=T) for name in ("linear", "cosine")}
+    x0 = torch.stack([dataset[i] for i in range(3)])
+    strip = forward_diffusion(x0, schedules, sorted({0, T // 20, T // 10, T // 5, 2 * T // 5, 7 * T // 10, T - 1}),
+                              run_dir / "forward_diffusion.png", seed=cfg.seed)
+    nfe = num_evaluations(cfg.sampler.name, sampler_options(cfg), T)
+    trajectory = Trajectory(at=np.linspace(0, nfe - 1, min(nfe, 8)).round().astype(int).tolist())
+    parts.sampler(sample_model, parts.schedule, parts.objective, x_T,
+                  generator=torch.Generator(device=x_T.device).manual_seed(cfg.seed), callback=trajectory)
+    return {"forward_diffusion": strip, "trajectory": denoising_trajectory(trajectory, run_dir / "trajectory.png")}
+
+
+def final_pictures(run: Run, run_dir: Path, name: str) -> Dict[str, Path]:
+    """loss.png, forward_diffusion.png, trajectory.png and fid.png (when FID ran)."""
+    pictures = {"loss": plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png"),
+                **write_pictures(run.cfg, run.dataset, run.parts, run.ema.module, run.grid_noise[:4].to(run.device),
+                                 run_dir)}
+    fid = run.fid
+    if fid.history:
+        pictures["fid"] = plot_curves({name: [{"step": s, "fid": v} for s, v in fid.history]}, "fid",
+                                      run_dir / "fid.png", fid.label or "FID", floors=fid.floors())
+    return pictures
+
+
+def summarize(run: Run, state: RunState, loop: Loop, out: Outputs, identity: Dict[str, Any]) -> Dict[str, Any]:
+    """summary.json's content: the run, its size, loss, throughput, FID and where its files are."""
+    losses = [loss for _, loss in state.loss_history[-4:]]
+    return {
+        **identity, "run_dir": str(out.run_dir), "device": str(run.device), "world_size": run.ranks.world_size,
+        "num_parameters": state.info["num_parameters"], "dataset": run.cfg.data.name,
+        "dataset_size": len(run.dataset), "steps": state.step,
+        "final_loss": sum(losses) / len(losses) if losses else None, "wall_time_s": state.elapsed_s,
+        "train_images_per_s": loop.images_per_s, "last_grid": str(loop.grid_path) if loop.grid_path else None,
+        "checkpoint": str(out.run_dir / "checkpoints" / "last.pt"), **run.fid.summary(),
+        "wandb": out.logger_info(), "interrupted": loop.stopped,
+    }
+
+
+def finish(run: Run, state: RunState, loop: Loop, out: Outputs, stop: preemption.Preemption,
+           identity: Dict[str, Any]) -> Dict[str, Any]:
+    """Pictures, summary.json and the logger's summary; a stopped run then exits with 128 + signal."""
+    out.pictures(lambda: final_pictures(run, out.run_dir, identity["name"]), state.step)
+    summary = summarize(run, state, loop, out, identity)
+    out.summary(summary, upload_checkpoint=not loop.stopped)
+    out.finish(exit_code=preemption.exit_code(stop.signum) if stop.requested else 0)
+    if loop.stopped:
+        log.info(f"stopped by {stop.name or 'another rank'} at step {state.step}: wrote {loop.kept[0]}; continue "
+                 f"with train.resume=auto or train.resume={loop.kept[0]}")
+        if stop.requested:
+            stop.exit()
+        return summary
+    log.info(f"done: {state.step} steps in {summary['wall_time_s']:.0f}s, final loss {summary['final_loss']:.4f}, "
+             f"run dir {out.run_dir}")
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+
+
+def start(cfg: DictConfig, run: Run, state: RunState, out: Outputs, group: Optional[str],
+          overrides: Sequence[str], swept: Sequence[str]) -> Dict[str, Any]:
+    """config.yaml, the logger and the start line; returns the run's name, group and overrides."""
+    logger_params = OmegaConf.to_container(cfg.logger, resolve=True)
+    logger_params.pop("name", None)
+    group = logger_params.pop("group", None) or group
+    logger_params["tags"] = [*(logger_params.get("tags") or []), *sweep_tags(swept, overrides)]
+    name = run_name(cfg, overrides)
+    out.open_logger(state.info["config"], cfg.logger.name, state.wandb_run_id, name=name, group=group, **logger_params)
+    state.wandb_run_id = out.run_id
+    c, h, w = run.parts.image_shape
+    log.info(f"diffusion_lab | device {run.device} | world size {run.ranks.world_size} | model {cfg.model.name} "
+             f"{state.info['num_parameters'] / 1e6:.2f}M params | data {cfg.data.name} {len(run.dataset)} images "
+             f"{c}x{h}x{w} | run dir {out.run_dir}")
+    return {"name": name, "group": group, "overrides": list(overrides)}
+
+
