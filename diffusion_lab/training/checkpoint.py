@@ -6,13 +6,9 @@ problem with a checkpoint is a `CheckpointError` whose message is one line namin
 """
 from __future__ import annotations
 
-import contextlib
-import os
 import pickle
 import random
 import re
-import socket
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -20,6 +16,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .. import files
 from ..errors import ConfigError
 
 # Keys that may differ between a run and its continuation (the rhythm of the run, not what it trains).
@@ -37,85 +34,21 @@ ADDED_KEYS = {"model.num_classes": None, "train.cond_drop_prob": 0.1, "sampler.g
 _LEGACY_NUMPY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType,
                          (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct")]
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
 class CheckpointError(ConfigError):
     """A checkpoint that cannot be used; the message is one line naming the file."""
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 # ------------------------------------------------------------------------------------------------
 # Writing
 
 
-def _temp_prefix(path: Path) -> str:
-    return f".{path.name}."
-
-
-def _remove_stale_temp_files(path: Path) -> None:
-    """Delete temp files of `path` left by writers on this host that no longer run (crashed mid-write)."""
-    host = socket.gethostname()
-    for tmp in path.parent.glob(_temp_prefix(path) + "*.tmp"):
-        parts = tmp.name[len(_temp_prefix(path)):].split(".")
-        if len(parts) < 3 or parts[0] != host or not parts[1].isdigit() or _alive(int(parts[1])):
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # some filesystems cannot open or fsync a directory
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def save(path: Path, state: Dict[str, Any]) -> None:
-    """Write `state` to a unique temp file beside `path`, fsync it, rename it over `path`, fsync the folder.
-
-    Readers see the old file or the new one, never half of one, also with several concurrent writers;
-    after a node crash the rename is on disk. Temp files of dead writers on this host are removed.
-    """
-    path = Path(path)
+    """Write `state` atomically and durably (files.write_atomic): readers see the old file or the new one,
+    never half of one, also with several concurrent writers; after a node crash the rename is on disk."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temp_files(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_temp_prefix(path)}{socket.gethostname()}.{os.getpid()}.",
-                                   suffix=".tmp")
-    except OSError as error:
-        raise CheckpointError(f"cannot write checkpoint {path}: {_first_line(error)}") from error
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # mkstemp makes 0600; checkpoints are shared
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as error:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(error, (OSError, RuntimeError)):  # disk full, quota, vanished folder
-            raise CheckpointError(f"cannot write checkpoint {path}: {_first_line(error)}") from error
-        raise
-    _fsync_dir(path.parent)
+        files.write_atomic(Path(path), lambda f: torch.save(state, f))
+    except files.WriteError as error:
+        raise CheckpointError(f"cannot write checkpoint {path}: {error.reason}") from error
 
 
 # ------------------------------------------------------------------------------------------------
@@ -132,11 +65,11 @@ def load(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
             state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
-        asks = f"it asks for {found.group(1)}" if found else _first_line(error)
+        asks = f"it asks for {found.group(1)}" if found else files.first_line(error)
         raise CheckpointError(f"refusing to load {path}: a checkpoint must be plain data, but {asks}; it was not "
                               f"loaded (a diffusion_lab checkpoint never needs code to load)") from error
     except Exception as error:  # truncated, empty or not a torch file at all
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(error).__name__}: {_first_line(error)}") from error
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(error).__name__}: {files.first_line(error)}") from error
     if not isinstance(state, dict) or not all(key in state for key in REQUIRED_KEYS):
         raise CheckpointError(f"{path} is not a diffusion_lab checkpoint (it lacks {', '.join(REQUIRED_KEYS)})")
     return state
