@@ -1,5 +1,5 @@
 """The floor/ceiling table of `python -m diffusion_lab.metric_check`: the digits classifier's FID puts every
-known-bad image set far above its noise floor. Margins come from the table in the README (n=500):
+known-bad image set far above its noise floor. Margins come from the table in docs/evaluation.md (n=500):
 Gaussian fit 23x the floor, blur 174x, one class 190x, mean image 279x, uniform noise 150x; bootstrap 1.5x."""
 import pytest
 

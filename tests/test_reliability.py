@@ -1,4 +1,4 @@
-"""The reliability guarantees of the README's "Reliability" section, each tested where it can break.
+"""The reliability guarantees listed in docs/reliability.md, each tested where it can break.
 
 Checkpoints are data; preemption loses nothing; one run, one directory; the divergence policy; the
 checkpoint before anything risky; exact resume after SIGKILL; resume refuses a different config.
