@@ -129,49 +129,55 @@ def test_a_log_file_that_cannot_be_written_is_one_line_not_a_traceback(tmp_path,
         f"are lost"]
 
 
-# The training command with a disk that fills up at the Nth append to metrics.jsonl: that write puts half
-# of its bytes on disk, then fails with ENOSPC.
-FULL_AT_APPEND = """
-import builtins, errno, sys
-real_open, appends = builtins.open, [0]
-full_at = int(sys.argv.pop(1))
+# The training command with a disk that fills up at the Nth write to one of its files (metrics.jsonl or
+# train.log): that write puts half of its bytes on disk, then it and every later write to either file fail
+# with ENOSPC.
+FULL_AT_WRITE = """
+import builtins, errno, logging, sys
+real_open, writes, full = builtins.open, {}, [False]
+which, full_at = sys.argv.pop(1), int(sys.argv.pop(1))
 
 class FillsUp:
-    def __init__(self, f):
-        self.f = f
-    def __getattr__(self, name):
-        return getattr(self.f, name)
+    def __init__(self, f, name):
+        self.f, self.name = f, name
+    def __getattr__(self, attr):
+        return getattr(self.f, attr)
     def __enter__(self):
         return self
     def __exit__(self, *exc):
         self.f.close()
     def write(self, data):
-        appends[0] += 1
-        if appends[0] < full_at:
+        writes[self.name] = writes.get(self.name, 0) + 1
+        if not full[0] and (self.name != which or writes[self.name] < full_at):
             return self.f.write(data)
+        full[0] = True
         self.f.write(data[:len(data) // 2])
         self.f.flush()
         raise OSError(errno.ENOSPC, "No space left on device")
 
 def open_(path, mode="r", *args, **kwargs):
-    f = real_open(path, mode, *args, **kwargs)
-    return FillsUp(f) if str(path).endswith("metrics.jsonl") and "a" in mode else f
+    f, name = real_open(path, mode, *args, **kwargs), str(path).rsplit("/", 1)[-1]
+    return FillsUp(f, name) if name in ("metrics.jsonl", "train.log") and "a" in mode else f
 
-builtins.open = open_
+builtins.open = logging.FileHandler._builtin_open = open_
 from diffusion_lab.train import main
 main()
 """
 
 
 @pytest.mark.slow
-def test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_checkpoint(tmp_path):
+@pytest.mark.parametrize("which, full_at, lines", [("metrics.jsonl", 5, 1), ("train.log", 3, 2)])
+def test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_checkpoint(tmp_path, which, full_at, lines):
+    """Filled by a metrics line: one error line. Filled by a log line: one warning about train.log, then the
+    error at the next metrics line. Never logging's tracebacks; whole metrics lines; the last checkpoint kept."""
     run_dir = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-c", FULL_AT_APPEND, "5", *FAST, "train.steps=10", "train.log_every=1",
-                             "train.checkpoint_every=2", f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=ENV,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-c", FULL_AT_WRITE, which, str(full_at), *FAST, "train.steps=10",
+                             "train.log_every=1", "train.checkpoint_every=2", f"hydra.run.dir={run_dir}"],
+                            cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "metrics.jsonl" in lines[0] and "No space left" in lines[0], result.stderr[-3000:]
+    err = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(err) == lines and "metrics.jsonl" in err[-1] and "No space left" in err[-1], result.stderr[-3000:]
     assert "Logging error" not in result.stdout + result.stderr
-    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3, 4], "whole lines only"
-    assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["step"] == 4, "the last good checkpoint is kept"
+    steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
+    assert steps == list(range(1, len(steps) + 1)), "whole lines only"
+    assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["step"] == max(s for s in steps if s % 2 == 0)
