@@ -187,3 +187,17 @@ def test_an_uncreatable_run_dir_is_one_line_in_the_run(tmp_path):
     with pytest.raises(ConfigError, match="/proc/nope/run cannot be created") as error:
         train(fast("train.steps=1"), tmp_path.parent / "/proc/nope/run")
     assert "\n" not in str(error.value)
+
+
+def test_a_filesystem_without_locks_runs_with_a_warning(tmp_path, monkeypatch, caplog):
+    """flock refused by the filesystem (ENOLCK, Lustre without -o flock) must not stop every run there."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    run_dirs.claim(tmp_path / "run")
+    run_lock.release(tmp_path / "run")
+    assert "cannot be locked (No locks available)" in caplog.text

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List
 
 from ..errors import ConfigError
+from .progress import log
 
 LOCK_FILE = ".lock"
 
@@ -49,12 +50,13 @@ def acquire(run_dir: Path) -> None:
         raise ConfigError(f"run dir {run_dir} cannot be created or written: {error.strerror or error}") from error
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:
+    except BlockingIOError as error:
         os.close(fd)
-        if isinstance(error, BlockingIOError):
-            raise RunDirInUse(f"run dir {run_dir} is in use by {holder(key)} (its {LOCK_FILE} is locked); wait "
-                              f"for that run to end or pick another hydra.run.dir") from error
-        raise ConfigError(f"run dir {run_dir} cannot be locked: {error.strerror or error}") from error
+        raise RunDirInUse(f"run dir {run_dir} is in use by {holder(key)} (its {LOCK_FILE} is locked); wait "
+                          f"for that run to end or pick another hydra.run.dir") from error
+    except OSError as error:  # a filesystem without flock (Lustre mounted without -o flock): run, unguarded
+        log.warning(f"run dir {run_dir} cannot be locked ({error.strerror or error}): nothing stops a second "
+                    f"run from writing into it")
     _held[key] = [fd, 1]
 
 
