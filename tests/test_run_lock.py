@@ -201,3 +201,22 @@ def test_a_filesystem_without_locks_runs_with_a_warning(tmp_path, monkeypatch, c
     run_dirs.claim(tmp_path / "run")
     run_lock.release(tmp_path / "run")
     assert "cannot be locked (No locks available)" in caplog.text
+
+
+def test_a_forked_child_does_not_keep_the_lock(tmp_path):
+    """DataLoader workers are forked while the run holds its lock; once the run lets go, it is free."""
+    run_dir = tmp_path / "run"
+    run_dirs.claim(run_dir)
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # a worker that outlives the run's hold
+        os.read(read_end, 1)
+        os._exit(0)
+    try:
+        run_lock.release(run_dir)
+        other = subprocess.run([sys.executable, "-c", HOLDER, str(run_dir)], env=ENV, input="",
+                               capture_output=True, text=True, timeout=120)
+        assert other.returncode == 0 and other.stdout.strip() == "locked", other.stderr[-2000:]
+    finally:
+        os.write(write_end, b"x")
+        os.waitpid(child, 0)

@@ -4,7 +4,8 @@ The kernel drops the lock on every way a process ends (an exception, SIGTERM, SI
 lock is never stale: a requeued job or a resume after a crash takes it over at once. The file holds `pid@host` of
 the holder, so a refused second process can say who has the dir. Within one process the lock is re-entrant (the
 submitit requeue check and the run both take it); it is released when the last holder lets go, or at exit.
-The file itself stays in the dir: removing it would let two processes lock two different files of one name.
+A forked child (DataLoader worker) does not keep the lock. The file itself stays in the dir: removing it would
+let two processes lock two different files of one name.
 """
 from __future__ import annotations
 
@@ -21,6 +22,18 @@ from .progress import log
 LOCK_FILE = ".lock"
 
 _held: Dict[Path, List[int]] = {}  # resolved run dir -> [file descriptor, holders in this process]
+
+
+def _forget_in_child() -> None:
+    """A forked child (a DataLoader worker) closes its copies of the lock files: the lock then ends with this
+    process, not with the last worker to notice that its parent died."""
+    for fd, _ in _held.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 class RunDirInUse(ConfigError):
