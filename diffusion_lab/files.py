@@ -105,13 +105,19 @@ def write_json(path: Path, value: Any) -> None:
 
 
 def append_line(path: Path, line: str) -> None:
-    """Append one line and flush it; if that fails, cut the file back to its last whole line (WriteError)."""
-    path = Path(path)
-    with open(path, "ab") as f:
+    """Append one line; if that fails, cut the file back to its last whole line (WriteError). Unbuffered: a
+    buffered file would write its rest again when closed, after the cut."""
+    path, data = Path(path), line.rstrip("\n").encode() + b"\n"
+    try:
+        f = open(path, "ab", buffering=0)
+    except OSError as error:
+        raise WriteError(path, error) from error
+    with f:
         start = f.tell()
         try:
-            f.write(line.rstrip("\n").encode() + b"\n")
-            f.flush()
+            written = 0
+            while written < len(data):  # a write to a nearly full disk may take only part of the line
+                written += f.write(data[written:])
         except OSError as error:
             with contextlib.suppress(OSError):
                 f.truncate(start)

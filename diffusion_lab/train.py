@@ -121,20 +121,29 @@ def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides
     with distributed.session(configured_device(cfg)) as (ranks, device):
         out = Outputs(Path(ranks.broadcast(str(run_dir))), enabled=ranks.is_main)
         source, saved = checkpoint_to_resume(cfg, outputs_root, ranks)
-        out.claim(source)
-        seed_everything(cfg.seed)
-        run = build(cfg, ranks, device)
-        state = new_state(run, OmegaConf.to_container(cfg, resolve=True))
-        if saved is not None:
-            restore(state, saved, source, out)
-        loop = Loop(run, state, out, kept=(source, state.step) if source is not None else None)
+        out.claim(source)  # the run dir's lock: nothing is written before it, and it is released however we end
         try:
-            identity = start(cfg, run, state, out, group, overrides, swept)
-            stop = loop.run_steps()
-        except BaseException:
-            out.finish(exit_code=1)
-            raise
-        return finish(run, state, loop, out, stop, identity)
+            return train_claimed(cfg, ranks, device, out, source, saved, (group, overrides, swept))
+        finally:
+            out.release()
+
+
+def train_claimed(cfg: DictConfig, ranks: Ranks, device: torch.device, out: Outputs, source: Optional[Path],
+                  saved: Optional[Dict[str, Any]], naming: tuple) -> Dict[str, Any]:
+    """Build, restore, loop and finish one claimed run; naming is (group, overrides, swept)."""
+    seed_everything(cfg.seed)
+    run = build(cfg, ranks, device)
+    state = new_state(run, OmegaConf.to_container(cfg, resolve=True))
+    if saved is not None:
+        restore(state, saved, source, out)
+    loop = Loop(run, state, out, kept=(source, state.step) if source is not None else None)
+    try:
+        identity = start(cfg, run, state, out, *naming)
+        stop = loop.run_steps()
+    except BaseException:
+        out.finish(exit_code=1)
+        raise
+    return finish(run, state, loop, out, stop, identity)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

@@ -8,13 +8,15 @@ from __future__ import annotations
 import difflib
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import ConfigError, error_line, fail
-from ..training import run_dir
+from ..training import run_dir, run_lock
+from ..training.distributed import ranks_from_env
 from . import CONF_DIR
 from .validation import validate
 
@@ -57,6 +59,27 @@ def _check_group_choices(overrides: Sequence[Any]) -> Optional[str]:
     return None
 
 
+def _probe_folder(folder: Path) -> Optional[str]:
+    """Why nothing can be made in `folder` (root passes os.access even in /proc), or None: makes and removes a dir."""
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=folder, prefix=".diffusion_lab_probe."))
+    except OSError as error:
+        return f"cannot create a folder in {folder}: {error.strerror or error}"
+    return None
+
+
+def _lock_holder(path: Path) -> Optional[str]:
+    """Why a run dir that another run holds locked cannot be used (checked before Hydra writes its .hydra/ files
+    there; the run itself takes the lock for good). Rank 0 only: the other ranks share rank 0's dir."""
+    if not (path / run_lock.LOCK_FILE).is_file() or ranks_from_env()[0] != 0:
+        return None
+    try:
+        with run_lock.held(path):
+            return None
+    except ConfigError as error:
+        return str(error)
+
+
 def _check_output_dir(overrides: Sequence[Any], mode: str) -> Optional[str]:
     """The run (or sweep) dir must be creatable: its nearest existing ancestor a writable folder."""
     key = f"hydra.{mode}.dir"
@@ -67,6 +90,9 @@ def _check_output_dir(overrides: Sequence[Any], mode: str) -> Optional[str]:
         return f"{key}={path} cannot be created: {ancestor} is a file"
     if not os.access(ancestor, os.W_OK | os.X_OK):
         return f"{key}={path} cannot be created: {ancestor} is not writable"
+    problem = _probe_folder(ancestor) or (_lock_holder(path) if mode == "run" else None)
+    if problem:
+        return f"{key}={path}: {problem}"
     resuming = any(o.key_or_group == "train.resume" and o.value() is not None for o in overrides)
     found = [name for name in run_dir.RUN_ARTEFACTS if (path / name).exists()]
     if mode == "run" and found and not resuming:  # checked before Hydra writes its .hydra/ files there

@@ -25,6 +25,7 @@ from typing import Any, Dict, Optional
 
 from omegaconf import DictConfig
 
+from . import run_lock
 from .progress import log
 from .run_dir import RUN_ARTEFACTS
 
@@ -81,16 +82,16 @@ def resume_if_requeued(cfg: DictConfig, run_dir: Path, job: Any) -> Optional[Dic
         return None
     if job.global_rank != 0:
         return None
-    if requeued:
-        log.info(f"submitit job {job.job_id} was requeued before its first checkpoint: starting over in {run_dir}")
-        for path in (run_dir / name for name in RUN_ARTEFACTS):
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-    elif not any((run_dir / name).exists() for name in RUN_ARTEFACTS):  # a dir holding a run stays untouched
-        run_dir.mkdir(parents=True, exist_ok=True)
-        marker.write_text(job.job_id)
+    with run_lock.held(run_dir):  # a dir that another live process runs in is refused, not cleaned
+        if requeued:
+            log.info(f"submitit job {job.job_id} was requeued before its first checkpoint: starting over in {run_dir}")
+            for path in (run_dir / name for name in RUN_ARTEFACTS):
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+        elif not any((run_dir / name).exists() for name in RUN_ARTEFACTS):  # a dir holding a run stays untouched
+            marker.write_text(job.job_id)
     return None
 
 

@@ -10,6 +10,7 @@ from urllib.parse import urlparse
 
 from omegaconf import OmegaConf
 
+from .. import files
 from ..registry import LOGGERS
 
 
@@ -24,8 +25,8 @@ class LocalLogger:
         self.name, self.group, self.run_id = name, group, run_id
 
     def log(self, metrics: Dict[str, Any], step: int) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        """One whole line; a full disk is a files.WriteError naming the file, with the file cut back to whole lines."""
+        files.append_line(self.metrics_path, json.dumps({"step": step, **metrics}))
 
     def log_images(self, images: Dict[str, Path], step: int) -> None:
         """Pictures already live in the run dir; only W&B uploads them."""

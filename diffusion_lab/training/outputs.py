@@ -10,8 +10,9 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from .. import files
 from ..data.images import save_grid
-from . import checkpoint, progress
+from . import checkpoint, progress, run_lock
 from . import run_dir as run_dirs
 from .loggers import LOGGERS
 
@@ -27,23 +28,36 @@ class Outputs:
         self.run_dir, self.enabled = Path(run_dir), enabled
         self.logger: Any = None
         self.run_id: Optional[str] = None
+        self.claimed = False
 
     def claim(self, resume_from: Optional[Path]) -> None:
-        """Create the run dir (refusing one that holds another run) and send the log to its train.log."""
+        """Lock and create the run dir (refusing one that another process holds, or that holds another run) and
+        send the log to its train.log. `release` lets go of the lock."""
         if not self.enabled:
             progress.log.setLevel(logging.WARNING)
             return
         run_dirs.claim(self.run_dir, resume_from)
+        self.claimed = True
         progress.log_to(self.run_dir)
+
+    def release(self) -> None:
+        """Let go of the run dir's lock (the kernel drops it anyway when the process ends)."""
+        if self.claimed:
+            self.claimed = False
+            run_lock.release(self.run_dir)
 
     def carry_metrics(self, previous_run: Path, up_to_step: int) -> None:
         """The earlier run's metrics up to the checkpoint step, so the curve continues without duplicated steps
-        (also when resuming in the same dir, where lines after the checkpoint are dropped)."""
+        (also when resuming in the same dir, where lines after the checkpoint are dropped). Rewritten atomically:
+        a kill or a full disk meanwhile leaves the old file whole. A torn line is skipped with a warning."""
         source = previous_run / "metrics.jsonl"
         if not self.enabled or not source.is_file():
             return
-        lines = [line for line in source.read_text().splitlines() if line and json.loads(line)["step"] <= up_to_step]
-        (self.run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+        rows, problems = files.read_jsonl(source)
+        for problem in problems:
+            progress.log.warning(problem)
+        kept = [row for row in rows if isinstance(row.get("step"), int) and row["step"] <= up_to_step]
+        files.write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in kept))
 
     def open_logger(self, config: Dict[str, Any], logger_name: str, run_id: Optional[str], **params: Any) -> None:
         """Write config.yaml and start the configured logger (metrics.jsonl, W&B)."""
@@ -51,7 +65,7 @@ class Outputs:
 
         if not self.enabled:
             return
-        OmegaConf.save(OmegaConf.create(config), self.run_dir / "config.yaml")
+        files.write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
         self.logger = LOGGERS.build(logger_name, run_dir=self.run_dir, config=config, run_id=run_id,
                                     job_type="train", **params)
         self.run_id = self.logger.run_id
@@ -90,7 +104,7 @@ class Outputs:
         """summary.json, the logger's run summary and (unless interrupted) the final checkpoint upload."""
         if not self.enabled:
             return
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        files.write_json(self.run_dir / "summary.json", summary)
         self.logger.summarize({k: summary[k] for k in SUMMARY_KEYS if k in summary})
         if upload_checkpoint:
             self.logger.log_checkpoint(self.run_dir / "checkpoints" / "last.pt")

@@ -6,6 +6,7 @@ weights warning runs to 400 characters) as its first sentence and points to `tra
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Optional
 
 from tqdm.auto import tqdm
+
+from .. import files
 
 log = logging.getLogger("diffusion_lab")
 FILE_ONLY = {"file_only": True}  # `extra=` for a record that only train.log gets (the bar shows it already)
@@ -30,7 +33,27 @@ def shorten(message: str, log_file: Path, width: int = CONSOLE_WIDTH) -> str:
     return f"{first} (details in {log_file})"
 
 
-class _Console(logging.Handler):
+class _OneLineErrors:
+    """A handler whose failed write (a full disk, a closed stdout) is one warning line on stderr, once, instead
+    of logging's "--- Logging error ---" traceback for every record."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        where = getattr(self, "baseFilename", "the console")
+        with contextlib.suppress(Exception):
+            print(f"warning: cannot write {where}: {files.first_line(sys.exc_info()[1] or OSError())}; its later "
+                  f"log lines are lost", file=sys.stderr)
+
+
+class _LogFile(_OneLineErrors, logging.FileHandler):
+    """train.log."""
+
+
+class _Console(_OneLineErrors, logging.Handler):
     """stdout through tqdm.write, so a line never tears the progress bar."""
 
     def __init__(self, log_file: Path):
@@ -51,7 +74,7 @@ def log_to(run_dir: Path) -> Path:
         log.removeHandler(handler)
         handler.close()
     log_file = Path(run_dir) / "train.log"
-    file = logging.FileHandler(log_file)
+    file = _LogFile(log_file)
     file.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     for handler in (file, _Console(log_file)):
         handler.diffusion_lab = True

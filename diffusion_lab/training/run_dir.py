@@ -16,6 +16,8 @@ from typing import Optional, Sequence
 
 from omegaconf import OmegaConf
 
+from . import run_lock
+
 # What a run writes into its dir (Hydra's own `.hydra/` and log file are written before any run starts).
 RUN_ARTEFACTS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints")
 
@@ -52,19 +54,26 @@ def checkpoint_file(path: Path) -> Path:
 
 
 def claim(run_dir: Path, resume_from: Optional[Path] = None) -> None:
-    """Create `run_dir`; refuse one that already holds a run, unless that run is the one being resumed."""
+    """Take `run_dir`'s lock (`run_lock`, held until `run_lock.release`), then refuse a dir that already holds a
+    run, unless that run is the one being resumed. Under the lock the check and the writes that follow are one
+    step: two runs started together in one dir cannot both pass it. A refused claim writes nothing."""
     from ..errors import ConfigError
 
     run_dir = Path(run_dir)
-    found = [name for name in RUN_ARTEFACTS if (run_dir / name).exists()]
-    resuming_here = resume_from is not None and Path(resume_from).resolve().parent.parent == run_dir.resolve()
-    if found and not resuming_here:
-        raise ConfigError(f"run dir {run_dir} already holds a run ({', '.join(found)}); pick a new hydra.run.dir "
-                          f"or continue that run with train.resume={run_dir / 'checkpoints' / 'last.pt'}")
+    run_lock.acquire(run_dir)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.touch()
-        probe.unlink()
-    except OSError as error:
-        raise ConfigError(f"run dir {run_dir} is not writable: {error.strerror or error}") from error
+        found = [name for name in RUN_ARTEFACTS if (run_dir / name).exists()]
+        resuming_here = resume_from is not None and Path(resume_from).resolve().parent.parent == run_dir.resolve()
+        if found and not resuming_here:
+            raise ConfigError(f"run dir {run_dir} already holds a run ({', '.join(found)}); pick a new hydra.run.dir "
+                              f"or continue that run with train.resume={run_dir / 'checkpoints' / 'last.pt'}")
+        try:
+            probe = run_dir / ".write_test"
+            probe.touch()
+            probe.unlink()
+            run_lock.record(run_dir)
+        except OSError as error:
+            raise ConfigError(f"run dir {run_dir} is not writable: {error.strerror or error}") from error
+    except BaseException:
+        run_lock.release(run_dir)
+        raise
