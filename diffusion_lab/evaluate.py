@@ -8,6 +8,7 @@ the classes, with the digits classifier's accuracy on the asked labels (digits o
 from __future__ import annotations
 
 import csv
+import io
 import json
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from . import files
 from .config import CONF_DIR
 from .config.build import resolve_device
 from .config.preflight import checked_main, run_command
@@ -26,6 +28,7 @@ from .diffusion.conditioning import balanced_labels
 from .diffusion.samplers import build_sampler, num_evaluations
 from .evaluation.features import class_accuracy
 from .evaluation.plots import plot_fid_vs_cost, plot_guidance
+from .training import preemption
 from .training.loggers import log_linked_run
 
 
@@ -63,6 +66,40 @@ def score(cfg: DictConfig, trained, evaluator, settings: Dict, labels: Optional[
             "settings": json.dumps(settings), "label": result.label()}
 
 
+def write_rows(run_dir: Path, rows: List[Dict], label: str, evaluator, cfg: DictConfig, step: int,
+               stopped_by: Optional[str] = None) -> None:
+    """fid_vs_cost.csv and fid_vs_cost.json (atomically); `stopped_by` names the signal that ended a sweep early."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    files.write_text(run_dir / "fid_vs_cost.csv", text.getvalue())
+    files.write_json(run_dir / "fid_vs_cost.json", {"label": label, "floor": evaluator.floor,
+                                                     "floor_n": evaluator.floor_n, "checkpoint": str(cfg.checkpoint),
+                                                     "step": step, "stopped_by": stopped_by, "rows": rows})
+
+
+def score_all(cfg: DictConfig, trained, evaluator, jobs: List[Dict], labels: Optional[torch.Tensor],
+              run_dir: Path, device: torch.device) -> tuple:
+    """(rows, FID label) of every job; a stop signal first writes the rows scored so far, then ends the command."""
+    rows: List[Dict] = []
+    try:
+        for settings in jobs:
+            rows.append(score(cfg, trained, evaluator, settings, labels, run_dir, device))
+    except preemption.Stopped as stopped:
+        if rows:
+            write_rows(run_dir, *_table(rows), evaluator, cfg, trained.step, stopped_by=stopped.name)
+        stopped.note = (f"fid_vs_cost.csv/json hold the {len(rows)} of {len(jobs)} settings scored" if rows
+                        else f"none of the {len(jobs)} settings was scored")
+        raise
+    return _table(rows)
+
+
+def _table(rows: List[Dict]) -> tuple:
+    """The rows without their FID label, and the label (that of the last row)."""
+    return [{k: v for k, v in r.items() if k != "label"} for r in rows], rows[-1]["label"]
+
+
 def evaluate(cfg: DictConfig, run_dir: Path) -> List[Dict]:
     """One FID per sampler setting (and guidance scale); writes fid_vs_cost.{csv,json,png}, a grid per setting
     and, when guidance_scales is swept, guidance.png (FID and classifier accuracy against w)."""
@@ -77,18 +114,9 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> List[Dict]:
     if not evaluator.enabled:
         raise ValueError(f"FID is disabled: {evaluator.disabled_reason}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    rows = [score(cfg, trained, evaluator, {**settings, **({} if w is None else {"guidance_scale": w})}, labels, run_dir,
-                  device) for settings in every for w in scales]
-    label = rows[-1].pop("label")
-    for row in rows:
-        row.pop("label", None)
-    with open(run_dir / "fid_vs_cost.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (run_dir / "fid_vs_cost.json").write_text(json.dumps({"label": label, "floor": evaluator.floor,
-                                                          "floor_n": evaluator.floor_n, "checkpoint": str(cfg.checkpoint),
-                                                          "step": trained.step, "rows": rows}, indent=2))
+    jobs = [{**settings, **({} if w is None else {"guidance_scale": w})} for settings in every for w in scales]
+    rows, label = score_all(cfg, trained, evaluator, jobs, labels, run_dir, device)
+    write_rows(run_dir, rows, label, evaluator, cfg, trained.step)
     title, floor = f"{label}, checkpoint step {trained.step}", (evaluator.floor, evaluator.floor_n)
     pictures = {"fid_vs_cost": plot_fid_vs_cost(rows, run_dir / "fid_vs_cost.png", title, floor=floor)}
     if scales != [None]:
@@ -103,7 +131,8 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> List[Dict]:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="evaluate", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
-    run_command(evaluate, cfg)
+    with preemption.stop_on_signal("evaluate"):
+        run_command(evaluate, cfg)
 
 
 def main() -> None:

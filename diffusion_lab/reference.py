@@ -8,6 +8,7 @@ The reference attributes are live: `model`, `optimizer`, `ema_model` and the sch
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional, Sequence
 
 import torch
@@ -35,6 +36,14 @@ SCHEDULE_ARRAYS = {
 def default_device(device=None) -> torch.device:
     """CUDA when available, else CPU (the reference default)."""
     return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _same_kind(old: torch.optim.Optimizer, params) -> torch.optim.Optimizer:
+    """A fresh optimizer of `old`'s class and settings over `params`. Only the settings that the class's own
+    constructor takes are passed on: torch adds keys to `defaults` that it does not accept back (AdamW's
+    `decoupled_weight_decay` on torch >= 2.6)."""
+    accepted = inspect.signature(type(old).__init__).parameters
+    return type(old)(params, **{k: v for k, v in old.defaults.items() if k in accepted})
 
 
 class _Process:
@@ -66,8 +75,7 @@ class _Process:
     @model.setter
     def model(self, model: torch.nn.Module) -> None:
         """A new network: a fresh optimizer of the same kind and settings, and (CIFAR) a fresh EMA of it."""
-        old = self._step.optimizer
-        optimizer = type(old)(model.parameters(), **old.defaults)
+        optimizer = _same_kind(self._step.optimizer, model.parameters())
         ema = EMA(model, decay=self._ema_decay, warmup=False) if self._ema_decay is not None else None
         self._rebuild_step(model, optimizer, ema)
 

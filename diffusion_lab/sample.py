@@ -22,6 +22,7 @@ from .config.build import build_sampler, resolve_device
 from .config.preflight import checked_main, run_command
 from .config.trained import check_steps, generate, load_trained, make_fid_evaluator
 from .data.images import save_grid, to_uint8
+from .training import preemption
 from .training.loggers import log_linked_run
 
 
@@ -92,7 +93,8 @@ def sample(cfg: DictConfig, run_dir: Path) -> dict:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="sample", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
-    run_command(sample, cfg)
+    with preemption.stop_on_signal("sample"):
+        run_command(sample, cfg)
 
 
 def main() -> None:

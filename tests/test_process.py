@@ -109,13 +109,18 @@ def test_assigning_ema_model_changes_what_sample_uses():
     assert any(not torch.equal(a, b) for a, b in zip(p.ema_model.parameters(), zero.parameters()))
 
 
-def test_assigning_model_changes_what_training_and_sampling_use():
+@pytest.mark.parametrize("process, network, optimizer, lr", [
+    (DiffusionProcess, DiffusionModel, torch.optim.Adam, 1e-4),
+    (DiffusionProcessCIFAR, DiffusionModelCIFAR, torch.optim.AdamW, 2e-4),  # AdamW: its defaults hold a key
+])                                                                          # its constructor refuses
+def test_assigning_model_changes_what_training_and_sampling_use(process, network, optimizer, lr):
     torch.manual_seed(0)
-    p = DiffusionProcess(8, 1, [16, 32], noise_steps=20, device="cpu")
-    new = DiffusionModel(8, 1, [16, 32])
+    p = process(8, 1, [32, 32], noise_steps=20, device="cpu")
+    new = network(8, 1, [32, 32])
     p.model = new
     assert p.model is new and p.optimizer.param_groups[0]["params"][0] is next(new.parameters())
-    assert p.optimizer.param_groups[0]["lr"] == 1e-4 and isinstance(p.optimizer, torch.optim.Adam)
+    assert p.optimizer.param_groups[0]["lr"] == lr and type(p.optimizer) is optimizer
+    assert p.optimizer.defaults == process(8, 1, [32, 32], noise_steps=20, device="cpu").optimizer.defaults
     before = [q.clone() for q in new.parameters()]
     p.train_step(digits_batch())
     assert any(not torch.equal(a, b) for a, b in zip(new.parameters(), before)), "training updates the new model"

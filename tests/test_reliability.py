@@ -434,3 +434,24 @@ def test_starting_a_dataloader_leaves_the_global_rng_alone(tmp_path):
     before = torch.get_rng_state()
     next(iter(loader))
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_an_offline_wandb_run_is_complete_when_finish_returns(tmp_path):
+    """W&B's service writes an offline run's .wandb file when it closes the run, which can be after
+    `run.finish()` returns (on a loaded machine, often): `WandbLogger.finish` shuts the service down once
+    the last run is finished, so the file is complete at once. Several runs, as a loaded machine misses some."""
+    from wandb.sdk import wandb_setup
+
+    from diffusion_lab.training.loggers import WandbLogger
+    from tests.helpers import read_wandb_records
+
+    for i in range(3):
+        logger = WandbLogger(tmp_path / str(i), {"lr": 0.1}, name=f"run {i}", mode="offline")
+        logger.summarize({"final_loss": 0.25})
+        logger.finish()
+        assert wandb_setup._singleton is None, "the service is shut down after the last run"
+        files = list((tmp_path / str(i) / "wandb").glob("offline-run-*/run-*.wandb"))
+        records = [r for f in files for r in read_wandb_records(f)]
+        kinds = {r.WhichOneof("record_type") for r in records}
+        assert len(files) == 1 and {"run", "summary", "exit"} <= kinds, (i, kinds)
+        assert any(r.run.run_id == logger.run_id for r in records if r.WhichOneof("record_type") == "run")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -14,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..diffusion.objectives import Objective
 from ..diffusion.schedules import NoiseSchedule
+from ..errors import error_line
 from ..evaluation.fid import FIDEvaluator
 from ..evaluation.tracker import build_evaluator
 from ..training import checkpoint
@@ -36,20 +38,61 @@ class Trained:
 
 
 def load_trained(path: Path, device: torch.device) -> Trained:
+    """The EMA model, schedule and objective of a checkpoint (a file or a run dir), its weights checked
+    against the architecture its saved config describes before that model is built."""
     path = run_dirs.checkpoint_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     state = checkpoint.load(path, map_location=device)
     cfg = OmegaConf.create(state["config"])
-    channels, image_size, _ = state["image_shape"]
-    embedding = state["model"].get("label_emb.weight")  # resolves model.num_classes=auto: K + 1 rows
-    model = build_model(cfg, image_size, channels, None if embedding is None else embedding.shape[0] - 1).to(device)
-    model.load_state_dict(state["train_step"]["ema"]["module"])
+    model = checked_model(path, state, cfg, device)
     model.eval()
-    run_summary = path.parent.parent / "summary.json"  # <run dir>/checkpoints/<name>.pt
-    group = json.loads(run_summary.read_text()).get("group") if run_summary.is_file() else None
     return Trained(model, build_schedule(cfg).to(device), build_objective(cfg), cfg,
-                   tuple(state["image_shape"]), state["step"], {"run": state.get("wandb_run_id"), "group": group})
+                   tuple(state["image_shape"]), state["step"],
+                   {"run": state.get("wandb_run_id"), "group": wandb_group(path)})
+
+
+def ema_weights(path: Path, state: dict) -> dict:
+    """The EMA weights that a trained run samples with; CheckpointError if the checkpoint holds none."""
+    ema = state["train_step"].get("ema") if isinstance(state["train_step"], dict) else None
+    weights = ema.get("module") if isinstance(ema, dict) else None
+    if not isinstance(weights, dict):
+        raise checkpoint.CheckpointError(f"{path} holds no EMA weights (train_step.ema.module) to sample from")
+    return weights
+
+
+def checked_model(path: Path, state: dict, cfg: DictConfig, device: torch.device) -> torch.nn.Module:
+    """The model of `cfg` holding the checkpoint's EMA weights. The architecture is first built on the meta
+    device (no memory) and its keys and shapes compared with the weights, so a saved config that does not
+    describe them (edited, foreign, huge) is refused with one line before any real allocation."""
+    weights = ema_weights(path, state)
+    channels, image_size, _ = state["image_shape"]
+    embedding = weights.get("label_emb.weight")  # resolves model.num_classes=auto: K + 1 rows
+    classes = embedding.shape[0] - 1 if torch.is_tensor(embedding) else None
+    try:
+        with torch.device("meta"):
+            described = build_model(cfg, image_size, channels, classes).state_dict()
+    except Exception as error:  # e.g. shapes too large to describe at all
+        raise checkpoint.CheckpointError(f"{path}: its saved config describes a model that cannot be built: "
+                                         f"{error_line(error)}") from error
+    checkpoint.check_architecture(path, described, weights)
+    model = build_model(cfg, image_size, channels, classes).to(device)
+    model.load_state_dict(weights)
+    return model
+
+
+def wandb_group(path: Path) -> Optional[str]:
+    """The W&B group named in the run's summary.json (<run dir>/checkpoints/<name>.pt), else None. The file is
+    read for this name only, so a damaged one is ignored with a warning line rather than blocking the command."""
+    run_summary = path.parent.parent / "summary.json"
+    if not run_summary.is_file():
+        return None
+    try:
+        group = json.loads(run_summary.read_text()).get("group")
+    except (OSError, ValueError, AttributeError) as error:  # unreadable, not JSON, not an object
+        print(f"warning: ignoring {run_summary} (only read for the W&B group): {error_line(error)}", file=sys.stderr)
+        return None
+    return group if isinstance(group, str) else None
 
 
 def check_steps(settings: dict, trained: Trained) -> None:

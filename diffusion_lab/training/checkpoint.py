@@ -84,6 +84,34 @@ def non_finite(state: Dict[str, Any]) -> List[str]:
             if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()]
 
 
+def _size(tensors: Dict[str, Any]) -> int:
+    return sum(value.numel() for value in tensors.values() if torch.is_tensor(value))
+
+
+def architecture_differences(described: Dict[str, torch.Tensor], weights: Dict[str, Any]) -> List[str]:
+    """Why `weights` cannot load into a model whose state dict is `described` (its keys and shapes, e.g. from
+    a model built on the meta device): keys missing or unknown, shapes that differ; empty if they fit."""
+    def shape(value: Any) -> Any:
+        return list(value.shape) if torch.is_tensor(value) else type(value).__name__
+
+    missing = [k for k in described if k not in weights]
+    unknown = [k for k in weights if k not in described]
+    differ = [f"{k} is {shape(weights[k])} where the config has {shape(v)}" for k, v in described.items()
+              if k in weights and shape(weights[k]) != shape(v)]
+    return ([f"{len(missing)} weights missing (first {missing[0]})"] if missing else []) + \
+           ([f"{len(unknown)} unknown weights (first {unknown[0]})"] if unknown else []) + \
+           ([f"{len(differ)} of another shape (first {differ[0]})"] if differ else [])
+
+
+def check_architecture(path: Path, described: Dict[str, torch.Tensor], weights: Dict[str, Any]) -> None:
+    """CheckpointError (one line) unless `weights` fit the `described` model key for key and shape: a config
+    edited after training, a foreign network or an implausibly large model is refused before it is built."""
+    differences = architecture_differences(described, weights)
+    if differences:
+        raise CheckpointError(f"{path} does not hold the model its saved config describes ({_size(described):,} "
+                              f"values there, {_size(weights):,} in the checkpoint): {'; '.join(differences)}")
+
+
 def load_for_resume(path: Path, cfg: DictConfig, map_location: Any = "cpu") -> Dict[str, Any]:
     """A checkpoint that this config may continue: same run config (rhythm keys aside), finite weights."""
     state = load(path, map_location)

@@ -115,7 +115,15 @@ class WandbLogger(LocalLogger):
                 "mode": self.mode, "dir": self.run.dir}
 
     def finish(self, exit_code: int = 0) -> None:
+        """Finish the run; when it was the process's last, also shut W&B's service down. The service writes an
+        offline run's .wandb file when it closes the run, which can be after `run.finish()` returns; its
+        teardown waits for that, so once this returns the run's files are complete (and readable in-process)."""
         self.run.finish(exit_code=exit_code)
+        if self.wandb.run is None:  # no other run of this process is active
+            try:
+                self.wandb.teardown()
+            except (Exception, SystemExit) as error:  # a failing shutdown must not cost the run its exit
+                print(f"W&B: shutting down its service failed ({type(error).__name__}); the run is finished")
 
 
 def swept_keys(sweep_dir: Path) -> List[str]:

@@ -3,14 +3,22 @@
 SIGTERM (SLURM and most schedulers before a kill), SIGINT (Ctrl-C), SIGUSR1 and SIGUSR2 (submitit's
 preemption/timeout warning) all ask for a stop. Exit codes follow the shell convention: 130 SIGINT,
 138 SIGUSR1, 140 SIGUSR2, 143 SIGTERM. A second Ctrl-C aborts at once, without a checkpoint.
+
+Commands that can stop anywhere (`sample`, `evaluate`) use `stop_on_signal` instead: SIGINT or SIGTERM raises
+`Stopped` at once, the command may keep what it has (evaluate writes the settings it scored), and the process
+ends with one line and 128 + signal.
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
-from typing import Dict, NoReturn, Optional
+from typing import Dict, Iterator, NoReturn, Optional
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+COMMAND_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def exit_code(signum: int) -> int:
@@ -62,3 +70,40 @@ class Preemption:
         if callable(handler) and handler is not signal.default_int_handler:
             handler(self.signum, None)
         sys.exit(exit_code(self.signum))
+
+
+class Stopped(BaseException):
+    """A stop signal during a command under `stop_on_signal`; `note` says what the command kept (or "")."""
+
+    def __init__(self, signum: int, note: str = ""):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.note = signum, note
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+def _raise_stopped(signum, frame) -> NoReturn:
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def stop_on_signal(command: str) -> Iterator[None]:
+    """Within: SIGINT or SIGTERM stops `command` by raising `Stopped`; it ends with one line on stderr and
+    exit code 128 + signal (no KeyboardInterrupt traceback). The previous handlers are restored after."""
+    previous: Dict[int, object] = {}
+    try:
+        for signum in COMMAND_STOP_SIGNALS:
+            previous[signum] = signal.signal(signum, _raise_stopped)
+    except ValueError:  # not the main thread: keep the default behaviour
+        pass
+    try:
+        yield
+    except Stopped as stopped:
+        print(f"{stopped.name} received: {command} stopped" + (f"; {stopped.note}" if stopped.note else ""),
+              file=sys.stderr)
+        sys.exit(exit_code(stopped.signum))
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
