@@ -124,7 +124,7 @@ def test_cli(sweep, tmp_path, capsys):
         cmp.main([str(empty)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: no runs") and err.count("\n") == 1
+    assert err.startswith("error: no training runs") and err.count("\n") == 1
 
 
 # ------------------------------------------------------------------------------------- seeds and noise
