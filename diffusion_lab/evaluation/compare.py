@@ -26,7 +26,7 @@ import numpy as np
 from ..errors import fail
 from ..files import first_line, write_text
 from .plots import plot_curves, smooth
-from .runs import Found, Run, scan
+from .runs import Found, Run, scan, under
 
 METRICS = ("best_fid", "final_fid", "final_loss")
 RESULTS = {"final loss": "final_loss", "best FID": "best_fid", "final FID": "final_fid", "FID floor": "fid_floor",
@@ -206,7 +206,7 @@ class Comparable:
 
 
 def _config_part(run: Run, prefixes: Sequence[str]) -> str:
-    return _key({k: v for k, v in run.config.items() if any(k == p or k.startswith(p + ".") for p in prefixes)})
+    return _key({k: v for k, v in run.config.items() if under(k, prefixes)})
 
 
 def comparable(runs: Sequence[Run]) -> List[Comparable]:
@@ -231,8 +231,8 @@ def comparable(runs: Sequence[Run]) -> List[Comparable]:
 def _name_groups(groups: Sequence[Comparable]) -> None:
     """Each group's title: its FID label and the data / eval values, fixed within it, that set it apart."""
     runs = [r for g in groups for r in g.runs]
-    apart = [k for k in differing_keys(runs) if any(k == p or k.startswith(p + ".") for p in FID_CONFIG)
-             and all(len({_key(r.config.get(k)) for r in g.runs}) == 1 for g in groups)]
+    fixed = [k for k in differing_keys(runs) if under(k, FID_CONFIG)]
+    apart = [k for k in fixed if all(len({_key(r.config.get(k)) for r in g.runs}) == 1 for g in groups)]
     for group in groups:
         values = ", ".join(f"{k}={_show(group.runs[0].config.get(k))}" for k in apart)
         group.title = "; ".join(filter(None, [f"FID = {group.label}" if group.label else "no FID label", values]))

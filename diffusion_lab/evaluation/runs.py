@@ -132,8 +132,13 @@ def flatten(tree: Dict, prefix: str = "") -> Dict[str, Any]:
     return {k: v for k, v in flat.items() if not ignored(k)}
 
 
+def under(key: str, prefixes: Sequence[str]) -> bool:
+    """Whether dotted `key` is one of `prefixes` or lies below one (`data.root` is under `data`)."""
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
 def ignored(key: str) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in IGNORED)
+    return under(key, IGNORED)
 
 
 def is_number(value: Any) -> bool:
