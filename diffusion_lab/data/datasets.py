@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..registry import DATASETS
-from .images import MAX_IMAGE_PIXELS, ImageError, PathLike, read_image
+from .images import MAX_IMAGE_PIXELS, ImageError, read_image
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_FOLDER = "cifar-10-batches-py"
