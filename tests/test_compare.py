@@ -124,7 +124,7 @@ def test_cli(sweep, tmp_path, capsys):
         cmp.main([str(empty)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: no runs") and err.count("\n") == 1
+    assert err.startswith("error: no training runs") and err.count("\n") == 1
 
 
 # ------------------------------------------------------------------------------------- seeds and noise
@@ -205,3 +205,113 @@ def test_pooling_a_key_tests_the_other_factor(seeded):
     assert n == 6 and mean == pytest.approx(np.mean(linear)) and se == pytest.approx(np.std(linear, ddof=1) / np.sqrt(6))
     lines = cmp.noise_statements(groups)
     assert len(lines) == 2 and f"p={welch_p(linear, BEST_FIDS[('cosine', 0.0)]):.3g}" in lines[1]
+
+
+# ------------------------------------------------------------------------------------- untrusted folders
+
+BAD_RUNS = {  # what a run dir holds -> what the skipped line says
+    "truncated summary": ("summary.json", '{"final_loss": 0.1, "best_f', "not valid JSON"),
+    "list summary": ("summary.json", "[1, 2, 3]", "not an object"),
+    "string number": ("summary.json", json.dumps({"final_loss": 0.1, "best_fid": "12.5"}), "best_fid"),
+    "invalid yaml": ("config.yaml", "train: {steps: [1, 2\n", "config.yaml is not a valid config"),
+    "yaml list": ("config.yaml", "- 1\n- 2\n", "not a mapping"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RUNS))
+def test_bad_run_is_skipped_with_its_reason(sweep, case, capsys):
+    name, text, reason = BAD_RUNS[case]
+    bad = sweep / "9_bad"
+    write_run(bad, "linear", 0.3, [0.5, 0.4], [30.0])
+    (bad / name).write_text(text)
+    result = cmp.compare([sweep])
+    printed = capsys.readouterr().out
+    skipped = [line for line in printed.splitlines() if line.startswith("skipped ")]
+    assert len(skipped) == 1 and str(bad) in skipped[0] and reason in skipped[0]
+    assert [s.path for s in result["skipped"]] == [bad]
+    assert len(result["runs"]) == 2 and "0.3" not in result["table"]
+
+
+def test_a_folder_of_only_bad_runs_is_one_error_line(tmp_path, capsys):
+    write_run(tmp_path / "a", "linear", 0.0, [0.5], [10.0])
+    (tmp_path / "a" / "summary.json").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        cmp.main([str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no training runs") and "1 skipped" in err and err.count("\n") == 1
+
+
+def test_torn_metrics_line_is_dropped_with_a_warning(sweep, capsys):
+    path = sweep / "2_torn"
+    write_run(path, "linear", 0.1, [0.3, 0.2], [25.0], summary=False)
+    with open(path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": "0.05"}\n{"step": 6, "loss": 0.1')  # a string number, then killed mid-write
+    result = cmp.compare([sweep])
+    torn = next(r for r in result["runs"] if r.path == path)
+    assert torn.loss_points() == ((2, 4), (0.3, 0.2))
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 2 and all("metrics.jsonl" in line for line in warnings)
+
+
+def test_config_interpolations_are_shown_unresolved(sweep, monkeypatch):
+    monkeypatch.setenv("COMPARE_SECRET", "hunter2")
+    for i, run_dir in enumerate(sorted(sweep.iterdir())[:2]):
+        config = (run_dir / "config.yaml").read_text()
+        planted = "${oc.env:COMPARE_SECRET}" if i == 0 else "${train.loop}"
+        loop = "  loop: ${train.loop}\n" if i else ""
+        (run_dir / "config.yaml").write_text(config.replace("train:\n", f"train:\n  note: '{planted}'\n{loop}"))
+    result = cmp.compare([sweep])
+    text = (sweep / "compare.csv").read_text() + result["table"]
+    assert "hunter2" not in text and "${oc.env:COMPARE_SECRET}" in text and not result["skipped"]
+
+
+def test_sample_outputs_are_not_runs(sweep, capsys):
+    sample_dir = sweep / "sample_out"
+    sample_dir.mkdir()
+    (sample_dir / "summary.json").write_text(json.dumps({"checkpoint": "x/last.pt", "step": 10, "num_samples": 64,
+                                                         "fid": {"value": 3.0}}))
+    (sample_dir / ".hydra").mkdir()
+    (sample_dir / ".hydra" / "config.yaml").write_text("checkpoint: x/last.pt\n")
+    result = cmp.compare([sweep])
+    assert len(result["runs"]) == 2 and all(r.path != sample_dir for r in result["runs"])
+    assert "1 dir(s) with a summary.json but no config.yaml + metrics.jsonl" in capsys.readouterr().out
+
+
+def relabel(run_dir, label=None, **config):
+    """Change a fake run's FID label in summary.json and set dotted config values."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["fid_label"] = label or summary["fid_label"]
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    for key, value in config.items():
+        OmegaConf.update(cfg, key, value)
+    OmegaConf.save(cfg, run_dir / "config.yaml")
+
+
+def test_runs_of_other_fid_labels_are_never_tested_against_each_other(seeded, capsys):
+    # the linear/dropout 0.1 runs were measured with another extractor: their FIDs mean something else
+    for job in (6, 7, 8):
+        relabel(seeded / f"{job}_x", "FID[clean, digits classifier, 64 samples vs digits test (359 images)]",
+                **{"eval.feature_extractor": "digits"})
+    for job in range(6):
+        relabel(seeded / f"{job}_x", **{"eval.feature_extractor": "small"})
+    result = cmp.compare([seeded])
+    printed = capsys.readouterr().out
+    assert [len(g.runs) for g in result["groups"]] == [6, 3]
+    assert all("model.dropout=0.1" not in line for line in result["statements"])  # never tested against the others
+    assert len(result["statements"]) == 2  # header + linear vs cosine inside the first group
+    assert printed.count("== FID = FID[clean, small") == 1 and printed.count("== FID = FID[clean, digits classifier") == 1
+    assert {p.name for p in result["plots"]} == {"compare_loss.png", "compare_fid_1.png", "compare_fid_2.png"}
+    with open(result["csv"]) as f:
+        labels = [row["fid_label"] for row in csv.DictReader(f)]
+    assert labels[:6] == [result["groups"][0].label] * 6 and set(labels[6:]) == {result["groups"][1].label}
+
+
+def test_runs_of_other_data_are_not_ranked_in_one_column(seeded):
+    for job in (3, 4, 5):  # same label text, but 16px digits: another reference
+        relabel(seeded / f"{job}_x", **{"data.image_size": 16})
+    result = cmp.compare([seeded])
+    assert [len(g.runs) for g in result["groups"]] == [6, 3]
+    assert result["groups"][1].title.endswith("data.image_size=16")
+    assert len(result["reports"][1]["table"].splitlines()) == 2 + 3

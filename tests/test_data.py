@@ -1,6 +1,9 @@
 """Datasets, the exactly resumable loader, and the image helpers (fast, no network)."""
 from __future__ import annotations
 
+import struct
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +16,7 @@ from diffusion_lab.data.datasets import (
     folder_split,
     stratified_split,
 )
-from diffusion_lab.data.images import save_grid, to_uint8
+from diffusion_lab.data.images import ImageError, read_image, save_grid, to_uint8
 from diffusion_lab.data.loader import ResumableLoader
 from diffusion_lab.registry import DATASETS
 from tests.helpers import write_tiny_cifar
@@ -182,6 +185,90 @@ def test_folder_errors(tmp_path):
         build_dataset("folder", root=str(tmp_path))
     with pytest.raises(DatasetNotFoundError, match="not found"):
         build_dataset("folder", root=str(tmp_path / "missing"))
+
+
+# ------------------------------------------------------------------------------------- untrusted image files
+
+
+def png_claiming(path, width, height):
+    """A tiny PNG whose header claims width x height (a decompression bomb's header, without its data)."""
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(path)
+    data = bytearray(path.read_bytes())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR's width and height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # IHDR's CRC over type + fields
+    path.write_bytes(bytes(data))
+    return path
+
+
+def folder_with(tmp_path, name):
+    """A folder whose train split is [name, ok.png] (sorted: `name` first) and whose val/ holds one image."""
+    (tmp_path / "val").mkdir()
+    for path in (tmp_path / "ok.png", tmp_path / "val" / "v.png"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+    return tmp_path / name
+
+
+def test_a_bomb_header_is_refused_with_one_line_naming_the_file(tmp_path):
+    bomb = png_claiming(folder_with(tmp_path, "bomb.png"), 30000, 30000)
+    with pytest.raises(ImageError, match="refusing image .*bomb.png") as info:
+        read_image(bomb, "RGB", 32)
+    assert "\n" not in str(info.value)
+    ds = build_dataset("folder", root=str(tmp_path), image_size=8)
+    assert ds.base.files[0] == bomb and ds[1].shape == (3, 8, 8)
+    with pytest.raises(DatasetNotFoundError, match="refusing image .*bomb.png"):
+        ds[0]
+
+
+def test_max_image_pixels_refuses_large_images_before_decoding(tmp_path):
+    big = folder_with(tmp_path, "big.png")
+    Image.fromarray(np.zeros((100, 120, 3), np.uint8)).save(big)
+    ds = build_dataset("folder", root=str(tmp_path), image_size=8, max_image_pixels=10_000)
+    assert ds.base.files[0] == big and ds[1].shape == (3, 8, 8)
+    with pytest.raises(DatasetNotFoundError, match=r"big.png: 120x100 = 12000 pixels .*max_image_pixels=10000"):
+        ds[0]
+    assert build_dataset("folder", root=str(tmp_path), image_size=8, max_image_pixels=12_000)[0].shape == (3, 8, 8)
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (1600, 2000, 3), dtype=np.uint8)).save(tmp_path / "a.jpg")
+    assert read_image(tmp_path / "a.jpg", "RGB", 32).size == (250, 200)  # 1/8 scale, still >= 32 a side
+    assert read_image(tmp_path / "a.jpg", "RGB", 400).size == (500, 400)  # 1/4: 1/8 would be under 400
+    assert read_image(tmp_path / "a.jpg", "RGB").size == (2000, 1600)
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    gray = np.asarray(read_image(tmp_path / "deep.png", "L"))
+    np.testing.assert_array_equal(gray, np.round(ramp / 257.0).astype(np.uint8))
+    assert (gray == 255).mean() < 0.01  # convert("L") would make 99.6% of the pixels white
+    rgb = np.asarray(read_image(tmp_path / "deep.png", "RGB"))
+    assert rgb.shape == (64, 64, 3) and (rgb[..., 0] == gray).all()
+
+
+def test_palette_and_transparent_images_are_composited_onto_white(tmp_path):
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[:2, :, 0], rgba[2:, :, 2] = 200, 99  # top half red, bottom half blue
+    rgba[:2, :, 3] = 255  # top half opaque, bottom half fully transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(rgba, "RGBA").convert("LA").save(tmp_path / "la.png")
+    palette = Image.fromarray((np.arange(4)[:, None] >= 2).repeat(4, 1).astype(np.uint8), "P")  # 0 top, 1 bottom
+    palette.putpalette([200, 0, 0, 0, 0, 99])
+    palette.save(tmp_path / "p.png", transparency=1)
+    for name in ("rgba.png", "p.png"):
+        out = np.asarray(read_image(tmp_path / name, "RGB"))
+        assert (out[2:] == 255).all(), name  # transparent -> white, not the hidden colour or black
+        assert (out[:2, :, 0] == 200).all() and (out[:2, :, 1:] == 0).all(), name
+    la = np.asarray(read_image(tmp_path / "la.png", "L"))
+    assert (la[2:] == 255).all() and (la[:2] == la[0, 0]).all() and la[0, 0] < 255
+
+
+def test_a_folder_of_files_that_are_not_images_holds_no_readable_images(tmp_path):
+    for i in range(2):
+        (tmp_path / f"{i}.png").write_text("just text")
+    with pytest.raises(DatasetNotFoundError, match="holds no readable images"):
+        build_dataset("folder", root=str(tmp_path), image_size=8)
 
 
 # ------------------------------------------------------------------------------------- ResumableLoader

@@ -81,3 +81,23 @@ def test_classifier_score_closed_forms():
     assert confident["is_like"] == pytest.approx(k, rel=1e-6)
     collapsed = classifier_score(100.0 * torch.eye(k)[[3] * 20])  # sure, one class only
     assert collapsed["is_like"] == pytest.approx(1.0, rel=1e-6) and collapsed["class_entropy"] < 1e-9
+
+
+@pytest.mark.parametrize("damage", ["zero-byte", "truncated", "other shapes"])
+def test_a_corrupt_cached_classifier_is_retrained_with_a_warning(classifier, splits, tmp_path, monkeypatch, caplog,
+                                                                   damage):
+    train, _ = splits
+    path = tmp_path / f"{classifier.cache_id}.pt"
+    torch.save(classifier.state_dict(), path)
+    whole = path.read_bytes()
+    if damage == "other shapes":
+        torch.save({"body.0.weight": torch.zeros(2, 2)}, path)
+    else:
+        path.write_bytes(b"" if damage == "zero-byte" else whole[: len(whole) // 2])
+    fitted = []
+    monkeypatch.setattr(features, "_fit", lambda model, *args: fitted.append(model))  # no real training here
+    with caplog.at_level("WARNING", logger="diffusion_lab.evaluation.features"):
+        digits_classifier(train.images, train.labels, cache_dir=str(tmp_path))
+    assert len(fitted) == 1 and str(path) in caplog.text and "unusable" in caplog.text
+    state = torch.load(path, weights_only=True)  # rewritten whole: the next run loads it without a warning
+    assert set(state) == set(classifier.state_dict()) and [p.name for p in tmp_path.iterdir()] == [path.name]

@@ -2,6 +2,7 @@
 Inception fallback. The network is blocked for every test here (socket level), so nothing can hang."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -179,6 +180,48 @@ def test_reference_stats_cached_and_reused(digits, tmp_path, monkeypatch, caplog
     ev3 = small_evaluator(tmp_path, max_ref_images=100)
     ev3.set_reference("digits", digits[120:240])
     assert ev3.reference_source == "computed" and len(os.listdir(tmp_path)) == 2
+
+
+def damage(path, how):
+    """Break a cache file the way a crash, a full disk or a hand edit would."""
+    whole = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write({"zero-byte": b"", "truncated": whole[: len(whole) // 2], "text": b"not an npz"}[how])
+
+
+@pytest.mark.parametrize("how", ["zero-byte", "truncated", "text"])
+def test_a_corrupt_statistics_file_is_rebuilt_with_a_warning(digits, tmp_path, caplog, how):
+    ref = digits[:100]
+    small_evaluator(tmp_path).set_reference("digits", ref)
+    path = fid.stats_path(str(tmp_path), "digits_train", 8, "clean", "small-v1", 100, fid.fingerprint(ref))
+    good = np.load(path)["sigma"]
+    damage(path, how)
+    ev = small_evaluator(tmp_path)
+    with caplog.at_level("WARNING", logger="diffusion_lab.evaluation.fid"):
+        ev.set_reference("digits", ref)
+    assert ev.reference_source == "computed" and path in caplog.text and "unusable" in caplog.text
+    np.testing.assert_array_equal(ev.ref_sigma, good)
+    again = small_evaluator(tmp_path)
+    again.set_reference("digits", ref)  # rewritten: the next run reads it from the cache
+    assert again.reference_source == "cache" and sorted(os.listdir(tmp_path)) == [os.path.basename(path)]
+
+
+@pytest.mark.parametrize("planted", ["", "{\"floor\": -2.0}", "{\"floor\": NaN}", "{\"floor\": \"3\"}", "[1]"])
+def test_a_planted_or_broken_noise_floor_is_recomputed(digits, tmp_path, caplog, planted):
+    train, test = digits[:300], digits[300:500]
+    ev = small_evaluator(tmp_path, num_samples=100)
+    ev.set_reference("digits", test, split="test")
+    floor = ev.set_floor(train)
+    (path,) = [os.path.join(tmp_path, p) for p in os.listdir(tmp_path) if p.startswith("floor_")]
+    with open(path, "w") as f:
+        f.write(planted)
+    again = small_evaluator(tmp_path, num_samples=100)
+    again.set_reference("digits", test, split="test")
+    with caplog.at_level("WARNING", logger="diffusion_lab.evaluation.fid"):
+        assert again.set_floor(train) == floor and floor > 0
+    assert path in caplog.text and "unusable" in caplog.text
+    with open(path) as f:
+        assert json.load(f)["floor"] == floor  # rewritten: the next run reads the true floor
 
 
 def test_default_cache_dir_env(monkeypatch, tmp_path):

@@ -14,7 +14,7 @@ import functools
 import os
 import socket
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..registry import DATASETS
-
-PathLike = Union[str, os.PathLike]
+from .images import MAX_IMAGE_PIXELS, ImageError, read_image
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_FOLDER = "cifar-10-batches-py"
@@ -122,23 +121,38 @@ class FirstImages(ImageDataset):
 
 
 class _ImageFiles(Dataset):
-    def __init__(self, files: Sequence[Path], mode: str, transform: Any):
+    """Image files read by ``images.read_image`` (size: the shorter side the transform resizes to)."""
+
+    def __init__(self, files: Sequence[Path], mode: str, transform: Any, size: int = 0,
+                 max_pixels: int = MAX_IMAGE_PIXELS):
         self.files = list(files)
         self.mode = mode
         self.transform = transform
+        self.size, self.max_pixels = int(size), int(max_pixels)
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        from PIL import Image
-
+    def read(self, index: int) -> Any:
+        """The PIL image of file ``index``; DatasetNotFoundError (one line naming it) when unreadable."""
         try:
-            with Image.open(self.files[index]) as im:
-                im = im.convert(self.mode)
-        except (OSError, ValueError) as error:  # not an image, truncated, unreadable
-            raise DatasetNotFoundError(_one_line(f"cannot read image {self.files[index]}: {error}")) from error
-        return self.transform(im)
+            return read_image(self.files[index], self.mode, self.size, self.max_pixels)
+        except ImageError as error:
+            raise DatasetNotFoundError(str(error)) from error
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.transform(self.read(index))
+
+    def check_readable(self, root: Path) -> None:
+        """At least one file decodes (the first that does ends the search), else one line saying none does."""
+        for index in range(len(self.files)):
+            try:
+                self.read(index)
+                return
+            except DatasetNotFoundError as error:
+                reason = str(error)
+        raise DatasetNotFoundError(f"image folder {root} holds no readable images: {len(self.files)} file(s) "
+                                   f"named as images, none decodes (the last: {reason})")
 
 
 def _to_minus_one_one(channels: int) -> List[Any]:
@@ -285,9 +299,11 @@ def folder_split(files: Sequence[Path], root: Path, val_fraction: float, seed: i
 
 @DATASETS.register("folder")
 def folder(root: str, image_size: int = 64, channels: int = 3, split: str = "train", val_fraction: float = 0.1,
-           split_seed: int = 0) -> TransformImageDataset:
+           split_seed: int = 0, max_image_pixels: int = MAX_IMAGE_PIXELS) -> TransformImageDataset:
     """Every png/jpg/jpeg/bmp/webp under ``root`` (recursive, sorted), shorter side resized then center-cropped;
-    ``split`` as in ``folder_split``; labelled by class subfolder as in ``folder_classes``."""
+    ``split`` as in ``folder_split``; labelled by class subfolder as in ``folder_classes``. Files are read by
+    ``images.read_image``: more than ``max_image_pixels`` pixels is refused, 16-bit is scaled to 8 bit,
+    transparency composited onto white. A split none of whose files decodes is refused up front."""
     from torchvision import transforms as T
 
     _check_split(split)
@@ -306,7 +322,10 @@ def folder(root: str, image_size: int = 64, channels: int = 3, split: str = "tra
     if not files:
         raise DatasetNotFoundError(f"the {split} split of {path} has no images (too few files, or an empty val/)")
     tf = T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size)] + _to_minus_one_one(channels))
-    base = _ImageFiles(files, "RGB" if channels == 3 else "L", tf)
+    if max_image_pixels < 1:
+        raise ValueError(f"folder dataset: max_image_pixels must be >= 1, got {max_image_pixels}")
+    base = _ImageFiles(files, "RGB" if channels == 3 else "L", tf, image_size, max_image_pixels)
+    base.check_readable(path)
     labels = [classes.index(_class_folder(f, path)) for f in files] if classes else None
     return TransformImageDataset(base, name=f"folder:{path.name}", channels=channels, image_size=image_size,
                                  hflip=True, split=split, labels=labels, num_classes=len(classes) or None)

@@ -1,15 +1,89 @@
-"""Image helpers: [-1, 1] tensors to uint8 arrays and PNG grids."""
+"""Image helpers: image files read safely into 8-bit L or RGB, [-1, 1] tensors to uint8 arrays and PNG grids.
+
+Reading an image file trusts nothing in it: a header claiming more than ``max_pixels`` pixels (a
+decompression bomb, or a photo far larger than any training size) is refused with one line naming the file
+before anything is decoded; a JPEG is decoded at 1/2, 1/4 or 1/8 scale when that is still at least the size
+asked for; 16-bit images are scaled to 8 bit (65535 -> 255), not clipped; palette images and images with
+transparency are composited onto white; floating-point images are refused.
+"""
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .datasets import PathLike
+PathLike = Union[str, os.PathLike]
+MAX_IMAGE_PIXELS = 89_478_485  # PIL's own warning threshold (about 9459 x 9459); data.max_image_pixels
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PNG's 16-bit grey opens as I;16 (older Pillow: I)
+ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+BACKGROUND = (255, 255, 255, 255)  # what transparent pixels become
+
+
+class ImageError(ValueError):
+    """An image file that cannot be used; the message is one line naming the file."""
+
+
+def open_image(path: PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Any:
+    """The PIL image of ``path`` with only its header read; ImageError when it is not an image or claims
+    more than ``max_pixels`` pixels (PIL's own bomb limit, twice its warning threshold, also holds)."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit speaks instead
+        try:
+            im = Image.open(path)
+        except Image.DecompressionBombError as error:
+            raise ImageError(f"refusing image {path}: {error}") from error
+        except (OSError, ValueError, SyntaxError) as error:  # not an image, truncated header, unreadable
+            raise ImageError(f"cannot read image {path}: {_one_line(error)}") from error
+    if im.width * im.height > max_pixels:
+        im.close()
+        raise ImageError(f"refusing image {path}: {im.width}x{im.height} = {im.width * im.height} pixels is more "
+                         f"than data.max_image_pixels={max_pixels} (a decompression bomb, or downscale it first)")
+    return im
+
+
+def read_image(path: PathLike, mode: str, size: int = 0, max_pixels: int = MAX_IMAGE_PIXELS) -> Any:
+    """``path`` decoded into an 8-bit PIL image of ``mode`` (L or RGB); a JPEG at the smallest scale whose
+    sides stay at least ``size`` (0: full size). ImageError (one line naming the file) when it cannot be."""
+    from PIL import Image
+
+    with open_image(path, max_pixels) as im:
+        if size:
+            im.draft(None, (size, size))  # JPEG only: a scaled-down DCT decode; other formats ignore it
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im.load()
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # truncated data
+            raise ImageError(f"cannot read image {path}: {_one_line(error)}") from error
+        return to_mode(im, mode, path)
+
+
+def to_mode(im: Any, mode: str, path: PathLike = "image") -> Any:
+    """An image of any PIL mode as 8-bit ``mode`` (L or RGB): 16-bit scaled, transparency onto white."""
+    from PIL import Image
+
+    if im.mode == "F":
+        raise ImageError(f"refusing image {path}: floating-point pixels have no fixed range; save it as 8 or 16 bit")
+    if im.mode in SIXTEEN_BIT:
+        pixels = np.asarray(im).astype(np.int64)
+        if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+            raise ImageError(f"refusing image {path}: 32-bit pixels outside 0..65535; save it as 8 or 16 bit")
+        im = Image.fromarray((pixels / 257.0).round().astype(np.uint8), "L")
+    if im.mode in ALPHA or im.mode == "P" or "transparency" in im.info:
+        im = Image.alpha_composite(Image.new("RGBA", im.size, BACKGROUND), im.convert("RGBA"))
+    return im.convert(mode)
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

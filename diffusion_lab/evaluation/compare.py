@@ -1,173 +1,45 @@
-"""`python -m diffusion_lab.compare SWEEP_DIR [MORE_DIRS...]`: tables and two plots for a set of runs.
+"""`python -m diffusion_lab.compare SWEEP_DIR [MORE_DIRS...]`: tables and plots for a set of training runs.
 
-Finds every run dir under the given paths and shows only the config values that differ between them. Runs
-that differ only in `seed` are one setting: the settings table gives mean +- standard error and n of best
+Finds every training run dir (config.yaml + metrics.jsonl) under the given paths; a dir whose files cannot
+be used is listed as skipped with its reason. Runs are grouped by what their numbers mean (FID label and
+data config): a group is never ranked or tested against another. Within a group only the config values that
+differ are shown (as written in config.yaml, interpolations unresolved). Runs that differ only in `seed` are one
+setting: the settings table gives mean +- standard error and n of best
 FID, final FID and final loss, sorted by best FID, and says which differences between settings are beyond
 seed noise (Welch's t-test). A per-run table follows. images/s counts training steps only. Writes
-compare_loss.png, compare_fid.png (with the noise floor) and compare.csv (one row per run).
+compare_loss.png, compare_fid.png (with the noise floor; one per group) and compare.csv (one row per run).
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import yaml
-from omegaconf import OmegaConf
 
-from .plots import plot_curves, read_metrics, smooth
+from ..errors import fail
+from ..files import first_line, write_text
+from .plots import plot_curves, smooth
+from .runs import Found, Run, scan, under
 
-IGNORED = ("logger", "train.resume", "run_name", "device")  # keys (and key prefixes) that never tell runs apart
 METRICS = ("best_fid", "final_fid", "final_loss")
 RESULTS = {"final loss": "final_loss", "best FID": "best_fid", "final FID": "final_fid", "FID floor": "fid_floor",
            "steps": "steps", "wall time": "wall_time_s", "images/s": "train_images_per_s"}  # header -> Run attribute
 SEED = "seed"  # runs that differ only in this key are one setting
 ALPHA = 0.05  # significance level of the Welch's t-tests between settings
 SMOOTH_ABOVE = 50  # loss curves with more points than this are EMA-smoothed
-
-
-@dataclass
-class Run:
-    """One run dir: its flattened config, metric rows and summary (None when the run never finished)."""
-
-    path: Path
-    config: Dict[str, Any]
-    metrics: List[Dict]
-    summary: Optional[Dict]
-    name: str = ""
-
-    def _from_summary(self, key: str) -> Any:
-        return self.summary.get(key) if self.summary else None
-
-    @property
-    def final_loss(self) -> Optional[float]:
-        if self.summary:
-            return self.summary.get("final_loss")
-        losses = [r["loss"] for r in self.metrics if r.get("loss") is not None][-4:]  # as train.py computes it
-        return sum(losses) / len(losses) if losses else None
-
-    @property
-    def best_fid(self) -> Optional[float]:
-        if self.summary:
-            return self.summary.get("best_fid")
-        return min(self.fid_points()[1], default=None)
-
-    @property
-    def final_fid(self) -> Optional[float]:
-        if self.summary and "final_fid" in self.summary:
-            return self.summary["final_fid"]
-        return (self.fid_points()[1] or (None,))[-1]
-
-    @property
-    def fid_floor(self) -> Optional[float]:
-        return self._from_summary("fid_floor")
-
-    @property
-    def steps(self) -> Optional[int]:
-        if self.summary:
-            return self.summary.get("steps")
-        return max((r["step"] for r in self.metrics if "step" in r), default=None)
-
-    @property
-    def wall_time_s(self) -> Optional[float]:
-        return self._from_summary("wall_time_s")
-
-    @property
-    def train_images_per_s(self) -> Optional[float]:
-        return self._from_summary("train_images_per_s")
-
-    @property
-    def fid_label(self) -> Optional[str]:
-        return self._from_summary("fid_label")
-
-    @property
-    def note(self) -> str:
-        if self.summary is None:
-            return "no summary.json"
-        return "interrupted" if self.summary.get("interrupted") else ""
-
-    def loss_points(self):
-        points = [(r["step"], r["loss"]) for r in self.metrics if r.get("loss") is not None]
-        return tuple(zip(*points)) if points else ((), ())
-
-    def fid_points(self):
-        points = [(r["step"], r["fid"]) for r in self.metrics if r.get("fid") is not None]
-        if not points and self.summary:
-            points = [tuple(p) for p in self.summary.get("fid_history") or []]
-        return tuple(zip(*points)) if points else ((), ())
-
-
-def flatten(tree: Dict, prefix: str = "") -> Dict[str, Any]:
-    """Dotted keys; a group's `name` becomes the group's own key (`schedule.name` -> `schedule`)."""
-    flat = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, dotted + "."))
-        elif key == "name" and prefix:
-            flat[prefix[:-1]] = value
-        else:
-            flat[dotted] = value
-    return {k: v for k, v in flat.items() if not _ignored(k)}
-
-
-def _ignored(key: str) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in IGNORED)
-
-
-def from_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
-    """Config values named on the command line (`schedule=linear`, `model.dropout=0.1`), parsed like YAML."""
-    values = {}
-    for item in overrides:
-        key, _, value = item.lstrip("+~").partition("=")
-        try:
-            values[key] = yaml.safe_load(value) if value else None
-        except yaml.YAMLError:
-            values[key] = value
-    return {k: v for k, v in values.items() if not _ignored(k)}
-
-
-def load_run(path: Path) -> Run:
-    summary_path, config_path = path / "summary.json", path / "config.yaml"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    if config_path.is_file():
-        config = flatten(OmegaConf.to_container(OmegaConf.load(config_path), resolve=True))
-    else:
-        config = from_overrides((summary or {}).get("overrides") or [])
-    return Run(path, config, read_metrics(path / "metrics.jsonl"), summary)
+DATA = ("data",)  # config keys (and prefixes) that decide what the images and the FID reference are
+FID_CONFIG = (*DATA, "eval.mode", "eval.feature_extractor", "eval.num_samples", "eval.reference", "eval.fallback")
 
 
 def find_runs(paths: Sequence[Path]) -> List[Run]:
-    """Every dir under `paths` with a summary.json, or metrics.jsonl + config.yaml (a run that did not finish)."""
-    found = {}
-    for root in map(Path, paths):
-        if not root.is_dir():
-            raise FileNotFoundError(f"not a directory: {root}")
-        for dirpath, _, files in os.walk(root):
-            if "summary.json" in files or {"metrics.jsonl", "config.yaml"} <= set(files):
-                found.setdefault(Path(dirpath).resolve(), Path(dirpath))
-    runs = [load_run(path) for path in sorted(found.values())]
-    _name_runs(runs)
-    return runs
-
-
-def _name_runs(runs: List[Run]) -> None:
-    """Short ids: the path below the runs' common parent, Hydra job dirs `3_schedule=...` shortened to `3`."""
-    if not runs:
-        return
-    common = Path(os.path.commonpath([r.path.resolve() for r in runs]))
-    for run in runs:
-        rel = run.path.resolve().relative_to(common.parent if len(runs) == 1 else common)
-        parts = list(rel.parts) or [run.path.name]
-        job = parts[-1].split("_", 1)[0]
-        run.name = "/".join(parts[:-1] + [job if job.isdigit() else parts[-1]])
+    """Every training run under `paths` that could be read (see `runs.scan` for the ones that could not)."""
+    return scan(paths).runs
 
 
 def _key(value: Any) -> str:
@@ -322,6 +194,49 @@ def fid_labels(runs: Sequence[Run]) -> List[str]:
     return [f"FID of run {name} = {label}" for name, label in labelled]
 
 
+@dataclass
+class Comparable:
+    """Runs whose numbers measure the same thing: one FID label (mode, extractor, sample count, reference)
+    and one data config. Runs of different groups are never ranked in one column nor tested against each other."""
+
+    label: Optional[str]
+    runs: List[Run]
+    title: str = ""
+
+
+def _config_part(run: Run, prefixes: Sequence[str]) -> str:
+    return _key({k: v for k, v in run.config.items() if under(k, prefixes)})
+
+
+def comparable(runs: Sequence[Run]) -> List[Comparable]:
+    """The runs grouped by (FID label, data config), in order of first appearance. A run without a label (it
+    did not finish, or FID was off) takes the label of the finished runs with the same data and eval config
+    when they agree on one; otherwise it stands with the runs of its own data and eval config."""
+    labels: Dict[str, set] = {}
+    for run in runs:
+        if run.fid_label:
+            labels.setdefault(_config_part(run, FID_CONFIG), set()).add(run.fid_label)
+    groups: Dict[Tuple[Optional[str], str], Comparable] = {}
+    for run in runs:
+        known = labels.get(_config_part(run, FID_CONFIG), set())
+        label = run.fid_label or (next(iter(known)) if len(known) == 1 else None)
+        key = (label, _config_part(run, DATA if label else FID_CONFIG))
+        groups.setdefault(key, Comparable(label, [])).runs.append(run)
+    found = list(groups.values())
+    _name_groups(found)
+    return found
+
+
+def _name_groups(groups: Sequence[Comparable]) -> None:
+    """Each group's title: its FID label and the data / eval values, fixed within it, that set it apart."""
+    runs = [r for g in groups for r in g.runs]
+    fixed = [k for k in differing_keys(runs) if under(k, FID_CONFIG)]
+    apart = [k for k in fixed if all(len({_key(r.config.get(k)) for r in g.runs}) == 1 for g in groups)]
+    for group in groups:
+        values = ", ".join(f"{k}={_show(group.runs[0].config.get(k))}" for k in apart)
+        group.title = "; ".join(filter(None, [f"FID = {group.label}" if group.label else "no FID label", values]))
+
+
 def _labels(runs: Sequence[Run], keys: Sequence[str]) -> List[str]:
     """Plot legend per run: `key=value` of the differing keys, keys shortened to their last part when unique."""
     last = [k.split(".")[-1] for k in keys]
@@ -338,49 +253,49 @@ def floors(runs: Sequence[Run]) -> Dict[str, float]:
     return {f"floor (real train images, n={n})": v for v, n in sorted(found, key=str)}
 
 
-def plot(runs: Sequence[Run], keys: Sequence[str], out: Path) -> List[Path]:
-    """compare_loss.png always; compare_fid.png when some run has FID."""
-    labels = _labels(runs, keys)
+def plot(runs: Sequence[Run], groups: Sequence[Comparable], keys: Sequence[str], out: Path) -> List[Path]:
+    """compare_loss.png always; compare_fid.png when some run has FID, one compare_fid_N.png per group
+    (numbered from 1, in the order printed) when the runs' FIDs do not all mean the same thing."""
+    labels = dict(zip((id(r) for r in runs), _labels(runs, keys)))
     smoothed = any(len(r.loss_points()[0]) > SMOOTH_ABOVE for r in runs)
     curves = {}
-    for label, run in zip(labels, runs):
+    for run in runs:
         steps, losses = run.loss_points()
         values = smooth(losses) if smoothed else losses
-        curves[label] = [{"step": s, "loss": v} for s, v in zip(steps, values)]
+        curves[labels[id(run)]] = [{"step": s, "loss": v} for s, v in zip(steps, values)]
     title = "training loss" + (" (moving average)" if smoothed else "")
     written = [plot_curves(curves, "loss", out / "compare_loss.png", title, log_y=True)]
-    fids = {label: [{"step": s, "fid": v} for s, v in zip(*r.fid_points())] for label, r in zip(labels, runs)}
-    if any(fids.values()):
-        said = fid_labels(runs)
-        title = said[0].removeprefix("FID = ") if len(said) == 1 else "FID (see the table)"
-        written.append(plot_curves(fids, "fid", out / "compare_fid.png", title, floors=floors(runs)))
+    for number, group in enumerate(groups, start=1):
+        fids = {labels[id(r)]: [{"step": s, "fid": v} for s, v in zip(*r.fid_points())] for r in group.runs}
+        if any(fids.values()):
+            name = "compare_fid.png" if len(groups) == 1 else f"compare_fid_{number}.png"
+            title = group.title.removeprefix("FID = ")
+            written.append(plot_curves(fids, "fid", out / name, title, floors=floors(group.runs)))
     return written
 
 
-def write_csv(runs: Sequence[Run], keys: Sequence[str], metric: str, path: Path) -> Path:
-    """The table with raw numbers (result columns named as in summary.json), plus each run's directory."""
+def write_csv(groups: Sequence[Comparable], keys: Sequence[str], metric: str, path: Path) -> Path:
+    """The table with raw numbers (result columns named as in summary.json), each run's FID label (its group's)
+    and directory; the rows of one group together, each group sorted by `metric`."""
+    runs = [r for g in groups for r in g.runs]
     columns = ["run", *keys, *RESULTS.values(), *(["note"] if any(r.note for r in runs) else [])]
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow([*columns, "run_dir"])
-        for run in _sort(runs, metric):
+    rows = []
+    for group in groups:
+        for run in _sort(group.runs, metric):
             values = [run.name, *("" if run.config.get(k) is None else _show(run.config[k]) for k in keys)]
             values += ["" if getattr(run, a) is None else getattr(run, a) for a in RESULTS.values()]
-            writer.writerow(values + ([run.note] if "note" in columns else []) + [str(run.path.resolve())])
+            rows.append(values + ([run.note] if "note" in columns else []) + [group.label or "", str(run.path.resolve())])
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow([*columns, "fid_label", "run_dir"])
+    writer.writerows(rows)
+    write_text(path, text.getvalue())
     return Path(path)
 
 
-def compare(paths: Sequence[Path], out: Optional[Path] = None, metric: str = "best_fid",
-            pool: Sequence[str] = ()) -> Dict[str, Any]:
-    """Print the settings table, the noise statements, the per-run table and the FID label; write plots and
-    csv into `out` (default: the first path)."""
-    runs = find_runs(paths)
-    if not runs:
-        where = ", ".join(map(str, paths))
-        raise FileNotFoundError(f"no runs (summary.json, or metrics.jsonl + config.yaml) under {where}")
+def report(runs: Sequence[Run], metric: str = "best_fid", pool: Sequence[str] = ()) -> Dict[str, Any]:
+    """One group's settings table, noise statements and per-run table, and the text that shows them."""
     keys = differing_keys(runs)
-    out = Path(out or paths[0])
-    out.mkdir(parents=True, exist_ok=True)
     groups = settings(runs, keys, pool)
     summary_text = settings_table(groups, metric)
     statements = noise_statements(groups, metric)
@@ -388,16 +303,51 @@ def compare(paths: Sequence[Path], out: Optional[Path] = None, metric: str = "be
     left_out = sum(1 for r in runs if r.note)
     note = [f"({left_out} unfinished or interrupted run(s) left out of the settings above)"] if left_out else []
     note += [f"(pooled over {', '.join(pool)}: runs that differ in it count as one setting)"] if pool else []
-    print("\n".join([summary_text, *note, "", *statements, *([""] if statements else []), text]))
-    for line in fid_labels(runs):
+    shown = "\n".join([summary_text, *note, "", *statements, *([""] if statements else []), text])
+    return {"table": text, "settings_table": summary_text, "statements": statements, "settings": groups, "text": shown}
+
+
+def found_lines(found: Found) -> List[str]:
+    """One line per skipped run dir and per dropped metrics line, and the count of dirs that are not runs."""
+    lines = [f"skipped {s.path}: {s.reason}" for s in found.skipped]
+    lines += [f"warning: {problem}" for run in found.runs for problem in run.problems]
+    if found.not_runs:
+        lines.append(f"({found.not_runs} dir(s) with a summary.json but no config.yaml + metrics.jsonl, e.g. sample "
+                     f"outputs, are not training runs: not counted)")
+    return lines
+
+
+def compare(paths: Sequence[Path], out: Optional[Path] = None, metric: str = "best_fid",
+            pool: Sequence[str] = ()) -> Dict[str, Any]:
+    """Print the skipped dirs, then per group of comparable runs the settings table, the noise statements and
+    the per-run table, and the FID label; write plots and csv into `out` (default: the first path)."""
+    found = scan(paths)
+    for line in found_lines(found):
         print(line)
-    plots = plot(runs, keys, out)
+    if not found.runs:
+        where = ", ".join(map(str, paths))
+        skipped = f" ({len(found.skipped)} skipped, see above)" if found.skipped else ""
+        raise FileNotFoundError(f"no training runs (config.yaml + metrics.jsonl) under {where}{skipped}")
+    runs, groups = found.runs, comparable(found.runs)
+    out = Path(out or paths[0])
+    out.mkdir(parents=True, exist_ok=True)
+    reports = [report(g.runs, metric, pool) for g in groups]
+    for group, shown in zip(groups, reports):
+        print(*([f"== {group.title} ({len(group.runs)} runs) ==", shown["text"], ""] if len(groups) > 1
+                else [shown["text"], *fid_labels(runs)]), sep="\n")
+    if len(groups) > 1:
+        print(f"{len(groups)} groups whose FIDs or data differ: runs of different groups are not compared")
+    keys = differing_keys(runs)
+    plots = plot(runs, groups, keys, out)
     if len(plots) == 1:
         print("no run has FID values: compare_fid.png skipped")
-    csv_path = write_csv(runs, keys, metric, out / "compare.csv")
+    csv_path = write_csv(groups, keys, metric, out / "compare.csv")
     print(f"wrote {', '.join(p.name for p in [*plots, csv_path])} to {out}")
-    return {"table": text, "settings_table": summary_text, "statements": statements, "settings": groups,
-            "fid_labels": fid_labels(runs), "plots": plots, "csv": csv_path, "runs": runs}
+    return {"table": "\n\n".join(r["table"] for r in reports),
+            "settings_table": "\n\n".join(r["settings_table"] for r in reports),
+            "statements": [line for r in reports for line in r["statements"]],
+            "settings": [s for r in reports for s in r["settings"]], "groups": groups, "reports": reports,
+            "skipped": found.skipped, "fid_labels": fid_labels(runs), "plots": plots, "csv": csv_path, "runs": runs}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -412,9 +362,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     try:
         compare(args.paths, args.out, args.metric, [k for k in (args.pool or "").split(",") if k])
-    except FileNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    except OSError as error:  # no runs, a path that is not a dir, an output that cannot be written
+        fail(first_line(error))
 
 
 if __name__ == "__main__":

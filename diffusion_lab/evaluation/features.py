@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..files import first_line, write_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -122,6 +124,26 @@ def _fit(model: DigitsClassifier, images: torch.Tensor, labels: torch.Tensor, ep
         torch.set_num_threads(threads)
 
 
+def _cached_state(model: nn.Module, path: str) -> Optional[Dict[str, torch.Tensor]]:
+    """The cached weights at ``path`` when they fit ``model``; None when there are none, or when the file is
+    unusable (zero-byte, truncated, other keys or shapes, non-finite weights: warned, naming the file, then
+    retrained and rewritten). Weights only, never code (``weights_only=True``)."""
+    if not os.path.exists(path):
+        return None
+    expected = model.state_dict()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or set(state) != set(expected) or any(
+                not isinstance(v, torch.Tensor) or v.shape != expected[k].shape for k, v in state.items()):
+            raise ValueError("not this classifier's weights")
+        if not all(torch.isfinite(v).all() for v in state.values()):
+            raise ValueError("non-finite weights")
+        return state
+    except Exception as error:  # EOFError, RuntimeError (bad zip), UnpicklingError, ValueError: all mean "retrain"
+        log.warning("cached digits classifier %s is unusable (%s): training it anew", path, first_line(error))
+        return None
+
+
 def digits_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, cache_dir: Optional[str] = None,
                       epochs: int = 15, seed: int = 0) -> DigitsClassifier:
     """The classifier trained on ([-1, 1] images [N, 1, 8, 8], labels [N]), loaded from ``cache_dir``
@@ -132,14 +154,12 @@ def digits_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, ca
     with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG alone
         torch.manual_seed(seed)  # the initial weights
         model = DigitsClassifier(fingerprint=key)
-        if os.path.exists(path):
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        state = _cached_state(model, path)
+        if state is not None:
+            model.load_state_dict(state)
             return model.requires_grad_(False).eval()
         _fit(model, train_images, train_labels, epochs, seed)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"  # atomic: parallel runs may share the cache
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: torch.save(model.state_dict(), f))  # parallel runs may share the cache
     log.info("digits classifier trained on %d images and cached: %s", len(train_images), path)
     return model.requires_grad_(False).eval()
 

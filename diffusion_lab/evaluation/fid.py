@@ -32,7 +32,6 @@ import os
 import platform
 import re
 import socket
-import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
 
@@ -45,6 +44,7 @@ from cleanfid.downloads_helper import inception_url as INCEPTION_TORCHSCRIPT_URL
 from cleanfid.features import build_feature_extractor, get_reference_statistics
 from cleanfid.inception_pytorch import FID_WEIGHTS_URL as INCEPTION_PYTORCH_URL
 
+from ..files import first_line, write_atomic, write_json
 from .features import SmallFeatureExtractor, cache_root, classifier_score, digits_classifier
 
 log = logging.getLogger(__name__)
@@ -392,15 +392,15 @@ class FIDEvaluator:
         n = len(images)
         path = stats_path(self.cache_dir, f"{name}_{split}", resolution, self.mode, self.extractor_id, n, fingerprint(images))
         self.reference, self._reference_key = f"{name} {split} ({n} images)", os.path.basename(path)
-        if os.path.exists(path):
-            with np.load(path) as f:
-                self.ref_mu, self.ref_sigma = f["mu"], f["sigma"]
+        cached = _cached_stats(path)
+        if cached is not None:
+            self.ref_mu, self.ref_sigma = cached
             self.reference_source = "cache"
             log.info("FID reference statistics loaded from cache: %s", path)
             return
         self.ref_mu, self.ref_sigma = self.statistics(self._features(images, n, f"FID stats {name}: "))
         self.reference_source = "computed"
-        _save_atomic(path, lambda f: np.savez(f, mu=self.ref_mu, sigma=self.ref_sigma))
+        write_atomic(path, lambda f: np.savez(f, mu=self.ref_mu, sigma=self.ref_sigma))
         log.info("FID reference statistics computed from %d images and cached: %s", n, path)
 
     def set_floor(self, train_images: Images, num_samples: Optional[int] = None) -> Optional[float]:
@@ -414,15 +414,17 @@ class FIDEvaluator:
         n = min(num_samples or self.num_samples, len(train_images))
         key = f"{self._reference_key}|{self.extractor_id}|{fingerprint(train_images)}|{len(train_images)}|{n}|{FLOOR_SEED}"
         path = os.path.join(self.cache_dir, f"floor_{hashlib.sha1(key.encode()).hexdigest()[:12]}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                self.floor = json.load(f)["floor"]
-        else:
+        self.floor = _cached_floor(path)
+        if self.floor is None:
             order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(FLOOR_SEED))[:n].tolist()
             subset = torch.utils.data.Subset(train_images, order)
             self.floor = self._against_reference(self._features(subset, n, "FID floor: ")).value
-            _save_atomic(path, lambda f: f.write(json.dumps({"floor": self.floor, "n": n, "key": key}).encode()))
-        self.floor_n = n
+            if _valid_floor(self.floor):
+                write_json(path, {"floor": self.floor, "n": n, "key": key})
+            else:  # degenerate features: a floor that means nothing is neither cached nor shown
+                log.warning("FID floor of %d training images is %r, not a finite positive number: not used", n, self.floor)
+                self.floor = None
+        self.floor_n = n if self.floor is not None else None
         return self.floor
 
     def _load_precomputed(self, name: str, res: int, split: str):
@@ -496,10 +498,43 @@ class FIDEvaluator:
                          f"{reference_name} ({len(ref)} images)", scores=self.class_scores(feats))
 
 
-def _save_atomic(path: str, write: Callable) -> None:
-    """Write a cache file through a temporary file and a rename: parallel runs may share the cache."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+def _bad_cache(path: str, why: str) -> None:
+    log.warning("FID cache file %s is unusable (%s): recomputing it and writing it anew", path, why)
+
+
+def _cached_stats(path: str) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """(mu, sigma) from a cache file; None when there is none or it is unusable (zero-byte, truncated, wrong
+    shapes, non-finite values: warned, naming the file, and then rewritten by the caller)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            mu, sigma = f["mu"], f["sigma"]
+    except Exception as error:  # EOFError, zipfile.BadZipFile, KeyError, ValueError, OSError: all mean "rebuild"
+        _bad_cache(path, first_line(error))
+        return None
+    if not all(np.issubdtype(a.dtype, np.floating) for a in (mu, sigma)) or mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        _bad_cache(path, f"mu {mu.shape} and sigma {sigma.shape} are not a finite mean and covariance")
+        return None
+    return mu, sigma
+
+
+def _valid_floor(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _cached_floor(path: str) -> Optional[float]:
+    """The noise floor in a cache file; None when there is none or it is unusable (not JSON, not a finite
+    positive number: warned, naming the file, and then recomputed)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            value = json.load(f)["floor"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        _bad_cache(path, first_line(error))
+        return None
+    if not _valid_floor(value):
+        _bad_cache(path, f"floor {value!r} is not a finite positive number")
+        return None
+    return float(value)
