@@ -45,7 +45,8 @@ from cleanfid.downloads_helper import inception_url as INCEPTION_TORCHSCRIPT_URL
 from cleanfid.features import build_feature_extractor, get_reference_statistics
 from cleanfid.inception_pytorch import FID_WEIGHTS_URL as INCEPTION_PYTORCH_URL
 
-from .features import SmallFeatureExtractor, cache_root, classifier_score, digits_classifier
+from .features import ClassSums, SmallFeatureExtractor, cache_root, classifier_score, digits_classifier
+from .moments import Moments, SampleStats
 
 log = logging.getLogger(__name__)
 
@@ -479,6 +480,24 @@ class FIDEvaluator:
     def score_features(self, feats: np.ndarray) -> Optional[FIDResult]:
         """FID of already extracted features [N, D] (e.g. gathered from several ranks) against the reference."""
         return self._against_reference(feats) if self.enabled else None
+
+    def batch_stats(self, images: torch.Tensor) -> SampleStats:
+        """The running statistics of one batch of [-1, 1] images: streamed FID adds them up (``SampleStats.merge``)
+        and drops the images and features, so memory does not grow with the number of samples."""
+        feats = self._features(images, len(images), "FID samples: ")
+        classes = None
+        if self.head is not None:
+            with torch.no_grad():
+                classes = ClassSums.of(self.head(torch.from_numpy(feats).float().to(self.device)).cpu())
+        return SampleStats(Moments.of(feats), classes)
+
+    def score_stats(self, stats: SampleStats) -> FIDResult:
+        """FID of streamed statistics against the reference: ``score_features`` of the same features, to float
+        precision."""
+        moments = stats.moments
+        value = float(cfid.frechet_distance(moments.mean, moments.covariance(), self.ref_mu, self.ref_sigma))
+        return FIDResult(value, self.resize_label, self.extractor_label, moments.n, self.reference,
+                         self.floor, self.floor_n, stats.classes.scores() if stats.classes else {})
 
     def _against_reference(self, feats: np.ndarray) -> FIDResult:
         value = float(cfid.frechet_distance(*self.statistics(feats), self.ref_mu, self.ref_sigma))
