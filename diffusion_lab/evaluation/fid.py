@@ -4,7 +4,9 @@ Images in [-1, 1] are quantised to integer values in [0, 255] (like saved PNGs; 
 to 3 channels) and handed to ``cleanfid.fid.get_model_features`` -- clean-fid's generator path, which
 resizes each image with the ``mode``'s resizer (``clean``: PIL bicubic to 299x299 in float) and runs
 the feature extractor batch by batch. Statistics are ``np.mean``/``np.cov`` over the features (as in
-clean-fid) and the score is ``cleanfid.fid.frechet_distance``.
+clean-fid) and the score is ``cleanfid.fid.frechet_distance``. FID during training streams instead
+(``batch_stats`` per batch, merged in ``moments.py``, then ``score_stats``): the same value to float precision,
+in memory bounded by one batch.
 
 Feature extractors (``features.py`` holds the download-free ones):
   inception  clean-fid's Inception (``build_feature_extractor``); its weights are downloaded on first use.

@@ -54,6 +54,5 @@ class SampleStats:
     classes: Optional[ClassSums] = None
 
     def merge(self, other: "SampleStats") -> "SampleStats":
-        classes = other.classes if self.classes is None else (self.classes if other.classes is None
-                                                              else self.classes + other.classes)
+        classes = None if self.classes is None else self.classes + other.classes  # one extractor: both or neither
         return SampleStats(self.moments.merge(other.moments), classes)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -97,22 +97,22 @@ class FIDTracker:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             parts = ranks.all_gather(self._stream(sample, ranks, stop))
-        if any(part is False for part in parts):
+        if any(stopped for _, stopped in parts):
             return None
-        result = self.evaluator.score_stats(functools.reduce(SampleStats.merge, [p for p in parts if p is not None]))
+        result = self.evaluator.score_stats(functools.reduce(SampleStats.merge, [s for s, _ in parts if s is not None]))
         self.label, self.last = result.label(), result
         return result
 
     def _stream(self, sample: Callable[[torch.Tensor, int], torch.Tensor], ranks: Any,
-                stop: Callable[[], bool]) -> Union[SampleStats, None, bool]:
-        """This rank's statistics (None: it has no batch), or False when stop() said so before a batch."""
+                stop: Callable[[], bool]) -> Tuple[Optional[SampleStats], bool]:
+        """(this rank's statistics or None when it has no batch, whether stop() said so before a batch)."""
         stats = None
         for k, x_T in self._batches(ranks):
             if stop():
-                return False
+                return None, True
             batch = self.evaluator.batch_stats(sample(x_T, self.seed + k).cpu())  # the images are dropped here
             stats = batch if stats is None else stats.merge(batch)
-        return stats
+        return stats, False
 
     def _batches(self, ranks: Any) -> Iterator[Tuple[int, torch.Tensor]]:
         """(k, x_T) of this rank's batches. Every rank draws all the starting noise in order, so batch k has
