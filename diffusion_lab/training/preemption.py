@@ -1,4 +1,5 @@
-"""Preemption: a stop signal finishes the current step, the run writes last.pt and exits with 128 + signal.
+"""Preemption: a stop signal finishes the current step (or the FID batch in progress), the run writes last.pt and
+exits with 128 + signal. One that arrives after the last step leaves a finished run (exit 0, nothing to resume).
 
 SIGTERM (SLURM and most schedulers before a kill), SIGINT (Ctrl-C), SIGUSR1 and SIGUSR2 (submitit's
 preemption/timeout warning) all ask for a stop. Exit codes follow the shell convention: 130 SIGINT,
@@ -58,7 +59,7 @@ class Preemption:
                 print("\nSIGINT again: aborting once the checkpoint being written is complete", file=sys.stderr)
             return  # already stopping: a scheduler's repeated warning changes nothing
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name} received: stopping after this step and writing a checkpoint"
+        print(f"\n{signal.Signals(signum).name} received: stopping after this step (or FID batch) and writing a checkpoint"
               + (" (Ctrl-C again to abort without one)" if signum == signal.SIGINT else ""), file=sys.stderr)
 
     @contextlib.contextmanager
