@@ -59,8 +59,9 @@ class Preemption:
                 print("\nSIGINT again: aborting once the checkpoint being written is complete", file=sys.stderr)
             return  # already stopping: a scheduler's repeated warning changes nothing
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name} received: stopping after this step (or FID batch) and writing a checkpoint"
-              + (" (Ctrl-C again to abort without one)" if signum == signal.SIGINT else ""), file=sys.stderr)
+        print(f"\n{signal.Signals(signum).name} received: stopping after this step (or FID batch) and writing a "
+              "checkpoint" + (" (Ctrl-C again to abort without one)" if signum == signal.SIGINT else ""),
+              file=sys.stderr)
 
     @contextlib.contextmanager
     def shielded(self, what: str) -> Iterator[None]:
