@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
@@ -27,7 +28,7 @@ from .data.loader import ResumableLoader
 from .errors import ConfigError, error_line, fail
 from .evaluation.tracker import FIDTracker
 from .registry import UnknownChoiceError
-from .training import checkpoint, cluster, distributed, progress
+from .training import checkpoint, cluster, distributed, preemption, progress
 from .training import run_dir as run_dirs
 from .training.distributed import Ranks
 from .training.ema import EMA
@@ -137,13 +138,17 @@ def train_claimed(cfg: DictConfig, ranks: Ranks, device: torch.device, out: Outp
     if saved is not None:
         restore(state, saved, source, out)
     loop = Loop(run, state, out, kept=(source, state.step) if source is not None else None)
-    try:
-        identity = start(cfg, run, state, out, *naming)
-        stop = loop.run_steps()
-    except BaseException:
-        out.finish(exit_code=1)
-        raise
-    return finish(run, state, loop, out, stop, identity)
+    with preemption.Preemption() as stop:  # steps, grids, FID, pictures and summary
+        try:
+            identity = start(cfg, run, state, out, *naming)
+            loop.run_steps(stop)
+        except BaseException:
+            out.finish(exit_code=1)
+            raise
+        summary = finish(run, state, loop, out, stop, identity)
+    if loop.stopped and stop.requested:
+        stop.exit()  # the launcher's own handler, else exit 128 + signal
+    return summary
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -166,6 +171,9 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
         fail(error_line(error))
     except Diverged as error:
         fail(str(error), code=3)
+    except preemption.Aborted as error:  # a second Ctrl-C
+        print(error, file=sys.stderr)
+        sys.exit(preemption.exit_code(signal.SIGINT))
     finally:
         if distributed.ranks_from_env()[0] != 0:  # its own dir is empty: every rank wrote into rank 0's
             with contextlib.suppress(OSError):

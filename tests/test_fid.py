@@ -355,3 +355,87 @@ def test_floor_is_the_fid_of_real_training_images_and_is_cached(digits, tmp_path
     cached = small_evaluator(tmp_path, num_samples=200)
     cached.set_reference("digits", test, split="test")  # statistics and floor both come from the cache
     assert cached.reference_source == "cache" and cached.set_floor(train) == floor
+
+
+# ---------------------------------------------------------------------------------------------
+# streamed FID during training (FIDTracker): batch by batch, bounded memory, stops between batches
+
+
+def tracker_and_sampler(extractor: str = "small", num_samples: int = 100):
+    """An FIDTracker on the digits train split (3 uneven batches of at most 40) and a deterministic sampler."""
+    from omegaconf import OmegaConf
+
+    from diffusion_lab.data.datasets import digits as digits_data
+    from diffusion_lab.evaluation.tracker import FIDTracker
+
+    train = digits_data(split="train")
+    cfg = OmegaConf.create({"every": 1, "num_samples": num_samples, "batch_size": 40, "reference": "train",
+                            "mode": "clean", "feature_extractor": extractor, "fallback": "small"})
+
+    def sample(x_T: torch.Tensor, seed: int) -> torch.Tensor:
+        return torch.tanh(x_T + 0.3 * torch.randn(x_T.shape, generator=torch.Generator().manual_seed(seed)))
+
+    return FIDTracker(cfg, lambda split: train, "cpu", seed=3), sample
+
+
+def test_streamed_fid_equals_fid_of_all_features_at_once():
+    from diffusion_lab.evaluation.tracker import _SingleProcess
+
+    tracker, sample = tracker_and_sampler("digits")
+    streamed = tracker.evaluate(sample)
+    ev = tracker.evaluator
+    images = torch.cat([sample(x_T, tracker.seed + k) for k, x_T in tracker._batches(_SingleProcess())])
+    at_once = ev.score_features(ev.features(images))
+    assert streamed.num_samples == at_once.num_samples == 100 and streamed.label() == at_once.label()
+    assert streamed.value == pytest.approx(at_once.value, rel=1e-6)
+    assert streamed.scores.keys() == at_once.scores.keys() == {"label_entropy", "class_entropy", "is_like"}
+    for name, value in at_once.scores.items():
+        assert streamed.scores[name] == pytest.approx(value, rel=1e-9, abs=1e-12)
+
+
+def test_running_moments_and_class_sums_equal_those_of_all_at_once():
+    from diffusion_lab.evaluation.features import ClassSums, classifier_score
+    from diffusion_lab.evaluation.moments import Moments
+
+    gen = torch.Generator().manual_seed(0)
+    feats = (torch.randn(101, 16, generator=gen) * 3 + 5).numpy()
+    parts = np.split(feats, [1, 40, 90])  # a part of one feature too
+    moments = Moments()
+    for part in parts:
+        moments = moments.merge(Moments.of(part))
+    assert moments.n == 101
+    np.testing.assert_allclose(moments.mean, feats.astype(np.float64).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(moments.covariance(), np.cov(feats, rowvar=False), rtol=1e-10, atol=1e-12)
+    logits = torch.randn(101, 10, generator=gen) * 4
+    sums = ClassSums.of(logits[:7]) + ClassSums.of(logits[7:])
+    assert sums.scores() == pytest.approx(classifier_score(logits), rel=1e-12)
+
+
+def test_streamed_fid_holds_one_batch_of_images_at_a_time():
+    import gc
+    import weakref
+
+    tracker, sample = tracker_and_sampler()
+    made, alive_before = [], []
+
+    def recording(x_T: torch.Tensor, seed: int) -> torch.Tensor:
+        gc.collect()
+        alive_before.append(sum(ref() is not None for ref in made))  # earlier batches still held by the tracker
+        images = sample(x_T, seed)
+        made.append(weakref.ref(images))
+        return images
+
+    assert tracker.evaluate(recording).num_samples == 100
+    assert alive_before == [0, 0, 0]
+
+
+def test_streamed_fid_stops_between_batches_and_returns_none():
+    tracker, sample = tracker_and_sampler()
+    seeds = []
+
+    def sample_then_signal(x_T: torch.Tensor, seed: int) -> torch.Tensor:
+        seeds.append(seed)  # the stop flag is set while the first batch is made
+        return sample(x_T, seed)
+
+    assert tracker.evaluate(sample_then_signal, stop=lambda: bool(seeds)) is None
+    assert seeds == [3] and tracker.last is None and tracker.history == []

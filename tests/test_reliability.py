@@ -327,6 +327,109 @@ def test_checkpoint_is_written_before_the_sample_grid(tmp_path, monkeypatch):
     assert checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 4
 
 
+WITH_FID = ["eval.every=2", "eval.num_samples=64", "eval.batch_size=32", "eval.feature_extractor=small"]
+
+
+@pytest.mark.parametrize("broken", ["grid", "fid"])
+def test_checkpoint_is_written_before_every_grid_and_fid(tmp_path, monkeypatch, broken):
+    def fails(*args, **kwargs):
+        raise RuntimeError(f"the {broken} failed")
+
+    if broken == "grid":
+        monkeypatch.setattr(outputs, "save_grid", fails)
+        rhythm = ["train.sample_every=2"]
+    else:
+        monkeypatch.setattr(FIDTracker, "evaluate", fails)
+        rhythm = ["train.sample_every=0", *WITH_FID]
+    with pytest.raises(RuntimeError, match=f"{broken} failed"):  # step 2: neither a checkpoint nor the last step
+        train(fast("train.steps=4", "train.checkpoint_every=1000", *rhythm), tmp_path / "run")
+    assert checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 2
+
+
+def _signal_self(signum=signal.SIGTERM):
+    os.kill(os.getpid(), signum)  # delivered to the main thread before the next Python line runs
+
+
+def test_a_signal_during_fid_stops_it_between_batches_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    from diffusion_lab.evaluation.fid import FIDEvaluator
+
+    batches, batch_stats = [], FIDEvaluator.batch_stats
+
+    def signalling(self, images):
+        batches.append(len(images))
+        _signal_self()
+        return batch_stats(self, images)
+
+    monkeypatch.setattr(FIDEvaluator, "batch_stats", signalling)
+    with pytest.raises(SystemExit) as exit:
+        train(fast("train.steps=100", "train.checkpoint_every=1000", "train.sample_every=0", *WITH_FID),
+              tmp_path / "run")
+    assert exit.value.code == 143 and batches == [32], "one batch of two, then the stop"
+    assert checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 2
+    assert not [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "fid" in r]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "step 2: FID not measured: SIGTERM arrived during it" in log and "stopped by SIGTERM at step 2" in log
+
+
+@pytest.mark.parametrize("during", ["grid", "fid", "pictures"])
+def test_a_signal_after_the_last_step_leaves_a_finished_run(tmp_path, monkeypatch, during):
+    from diffusion_lab.training import loop
+
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda *a: received.append(a))  # on main the pictures ran unguarded
+    target, name = {"grid": (outputs, "save_grid"), "fid": (FIDTracker, "evaluate"),
+                    "pictures": (loop, "final_pictures")}[during]
+    original = getattr(target, name)
+
+    def signalling(*args, **kwargs):
+        _signal_self()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, signalling)
+    try:
+        summary = train(fast("train.steps=4", "train.checkpoint_every=1000", "train.sample_every=0",
+                             *(WITH_FID[1:] + ["eval.every=1000"] if during == "fid" else [])), tmp_path / "run")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert summary["interrupted"] is False and summary["steps"] == 4 and not received
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["interrupted"] is False
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "SIGTERM arrived after the last step: the run is finished" in log and "train.resume" not in log
+    assert checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 4
+
+
+def test_a_second_ctrl_c_during_the_stop_checkpoint_lets_it_complete(tmp_path, monkeypatch, capsys):
+    logged, save = [], torch.save
+
+    def first_ctrl_c_at_step_2(self, metrics, step):
+        logged.append(step)
+        if step == 2:
+            _signal_self(signal.SIGINT)
+
+    def second_ctrl_c_while_writing(state, f):
+        write, calls = f.write, []
+
+        def interrupted_write(data):
+            calls.append(1)
+            if len(calls) == 3:
+                _signal_self(signal.SIGINT)
+            return write(data)
+
+        f.write = interrupted_write
+        return save(state, f)
+
+    monkeypatch.setattr(outputs.Outputs, "log", first_ctrl_c_at_step_2)
+    monkeypatch.setattr(torch, "save", second_ctrl_c_while_writing)
+    run_dir = tmp_path / "outputs" / "run"
+    code, out, err = run_main("diffusion_lab.train", [*FAST, "train.steps=100", "train.log_every=1",
+                                                      "train.checkpoint_every=1000", "train.sample_every=0",
+                                                      f"hydra.run.dir={run_dir}"], tmp_path, capsys)
+    assert code == 130 and logged == [1, 2], err[-2000:]
+    assert "aborted by a second SIGINT (Ctrl-C) after checkpoints/last.pt was written" in err
+    assert "cannot write" not in err and "Traceback" not in err
+    assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["step"] == 2
+
+
 @pytest.mark.parametrize("change,needle", [
     ("schedule=linear", "schedule.name: cosine -> linear"),
     ("objective=v", "objective.name: eps -> v"),

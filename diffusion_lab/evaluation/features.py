@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
+from dataclasses import dataclass
 from typing import Dict, Optional
 
 import numpy as np
@@ -164,16 +166,37 @@ def digits_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, ca
     return model.requires_grad_(False).eval()
 
 
+@dataclass
+class ClassSums:
+    """Sums over samples of p(y|x) [K] and of sum_y p log p (float64): what ``classifier_score`` needs, so it
+    can be added up batch by batch (``+``) without keeping the logits."""
+
+    n: int
+    p: torch.Tensor
+    p_log_p: float
+
+    @classmethod
+    def of(cls, logits: torch.Tensor) -> "ClassSums":
+        log_p = F.log_softmax(logits.double(), dim=1)
+        p = log_p.exp()
+        return cls(len(logits), p.sum(0), float((p * log_p).sum()))
+
+    def __add__(self, other: "ClassSums") -> "ClassSums":
+        return ClassSums(self.n + other.n, self.p + other.p, self.p_log_p + other.p_log_p)
+
+    def scores(self) -> Dict[str, float]:
+        """See ``classifier_score``; E_x KL(p(y|x) || p(y)) = H(p(y)) - E_x H(p(y|x)), so sums suffice."""
+        marginal = self.p / self.n
+        label_entropy = -self.p_log_p / self.n
+        class_entropy = float(-(marginal * marginal.clamp_min(1e-300).log()).sum())
+        return {"label_entropy": label_entropy, "class_entropy": class_entropy,
+                "is_like": math.exp(class_entropy - label_entropy)}
+
+
 def classifier_score(logits: torch.Tensor) -> Dict[str, float]:
     """From class logits [N, K]: ``label_entropy`` E_x H(p(y|x)) (low: confident), ``class_entropy`` H(p(y))
     (high: all classes present) and ``is_like`` = exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016; at most K)."""
-    log_p = F.log_softmax(logits.double(), dim=1)
-    p = log_p.exp()
-    log_marginal = p.mean(0).clamp_min(1e-300).log()
-    label_entropy = -(p * log_p).sum(1).mean()
-    class_entropy = -(p.mean(0) * log_marginal).sum()
-    kl = (p * (log_p - log_marginal)).sum(1).mean()
-    return {"label_entropy": float(label_entropy), "class_entropy": float(class_entropy), "is_like": float(kl.exp())}
+    return ClassSums.of(logits).scores()
 
 
 def class_accuracy(classifier: DigitsClassifier, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:

@@ -4,7 +4,9 @@ Images in [-1, 1] are quantised to integer values in [0, 255] (like saved PNGs; 
 to 3 channels) and handed to ``cleanfid.fid.get_model_features`` -- clean-fid's generator path, which
 resizes each image with the ``mode``'s resizer (``clean``: PIL bicubic to 299x299 in float) and runs
 the feature extractor batch by batch. Statistics are ``np.mean``/``np.cov`` over the features (as in
-clean-fid) and the score is ``cleanfid.fid.frechet_distance``.
+clean-fid) and the score is ``cleanfid.fid.frechet_distance``. FID during training streams instead
+(``batch_stats`` per batch, merged in ``moments.py``, then ``score_stats``): the same value to float precision,
+in memory bounded by one batch.
 
 Feature extractors (``features.py`` holds the download-free ones):
   inception  clean-fid's Inception (``build_feature_extractor``); its weights are downloaded on first use.
@@ -45,7 +47,8 @@ from cleanfid.features import build_feature_extractor, get_reference_statistics
 from cleanfid.inception_pytorch import FID_WEIGHTS_URL as INCEPTION_PYTORCH_URL
 
 from ..files import first_line, write_atomic, write_json
-from .features import SmallFeatureExtractor, cache_root, classifier_score, digits_classifier
+from .features import ClassSums, SmallFeatureExtractor, cache_root, classifier_score, digits_classifier
+from .moments import Moments, SampleStats
 
 log = logging.getLogger(__name__)
 
@@ -481,6 +484,24 @@ class FIDEvaluator:
     def score_features(self, feats: np.ndarray) -> Optional[FIDResult]:
         """FID of already extracted features [N, D] (e.g. gathered from several ranks) against the reference."""
         return self._against_reference(feats) if self.enabled else None
+
+    def batch_stats(self, images: torch.Tensor) -> SampleStats:
+        """The running statistics of one batch of [-1, 1] images: streamed FID adds them up (``SampleStats.merge``)
+        and drops the images and features, so memory does not grow with the number of samples."""
+        feats = self._features(images, len(images), "FID samples: ")
+        classes = None
+        if self.head is not None:
+            with torch.no_grad():
+                classes = ClassSums.of(self.head(torch.from_numpy(feats).float().to(self.device)).cpu())
+        return SampleStats(Moments.of(feats), classes)
+
+    def score_stats(self, stats: SampleStats) -> FIDResult:
+        """FID of streamed statistics against the reference: ``score_features`` of the same features, to float
+        precision."""
+        moments = stats.moments
+        value = float(cfid.frechet_distance(moments.mean, moments.covariance(), self.ref_mu, self.ref_sigma))
+        return FIDResult(value, self.resize_label, self.extractor_label, moments.n, self.reference,
+                         self.floor, self.floor_n, stats.classes.scores() if stats.classes else {})
 
     def _against_reference(self, feats: np.ndarray) -> FIDResult:
         value = float(cfid.frechet_distance(*self.statistics(feats), self.ref_mu, self.ref_sigma))

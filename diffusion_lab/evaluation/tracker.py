@@ -2,15 +2,16 @@
 and FID during training (``FIDTracker``)."""
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
-import numpy as np
 import torch
 
 from .features import digits_classifier
 from .fid import FIDEvaluator, FIDResult
+from .moments import SampleStats
 
 log = logging.getLogger(__name__)
 
@@ -82,20 +83,36 @@ class FIDTracker:
     def due(self, step: int) -> bool:
         return self.enabled and step % self.every == 0
 
-    def evaluate(self, sample: Callable[[torch.Tensor, int], torch.Tensor], ranks: Any = None) -> FIDResult:
-        """FID of `num_samples` images from sample(x_T, seed) against the reference statistics.
+    def evaluate(self, sample: Callable[[torch.Tensor, int], torch.Tensor], ranks: Any = None,
+                 stop: Callable[[], bool] = lambda: False) -> Optional[FIDResult]:
+        """FID of `num_samples` images from sample(x_T, seed) against the reference statistics, streamed: each
+        batch is generated, embedded and added to running statistics before the next is made, so memory is one
+        batch (plus a D x D matrix), whatever num_samples.
 
+        stop() is asked before every batch; once it is true the evaluation ends and returns None (on every rank).
         ranks: a `training.distributed.Ranks` (rank, world_size, all_gather); None is a single process.
-        With several ranks each generates and embeds a contiguous share of the batches; the features are
-        gathered to every rank in batch order, so all ranks hold the single-process result."""
+        With several ranks each generates and embeds a contiguous share of the batches; their statistics are
+        gathered and merged in batch order, so all ranks hold the single-process result (to float precision)."""
         ranks = ranks or _SingleProcess()
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            mine = [sample(x_T, self.seed + k).cpu() for k, x_T in self._batches(ranks)]
-            feats = self.evaluator.features(torch.cat(mine)) if mine else None
-            result = self.evaluator.score_features(np.concatenate([f for f in ranks.all_gather(feats) if f is not None]))
+            parts = ranks.all_gather(self._stream(sample, ranks, stop))
+        if any(stopped for _, stopped in parts):
+            return None
+        result = self.evaluator.score_stats(functools.reduce(SampleStats.merge, [s for s, _ in parts if s is not None]))
         self.label, self.last = result.label(), result
         return result
+
+    def _stream(self, sample: Callable[[torch.Tensor, int], torch.Tensor], ranks: Any,
+                stop: Callable[[], bool]) -> Tuple[Optional[SampleStats], bool]:
+        """(this rank's statistics or None when it has no batch, whether stop() said so before a batch)."""
+        stats = None
+        for k, x_T in self._batches(ranks):
+            if stop():
+                return None, True
+            batch = self.evaluator.batch_stats(sample(x_T, self.seed + k).cpu())  # the images are dropped here
+            stats = batch if stats is None else stats.merge(batch)
+        return stats, False
 
     def _batches(self, ranks: Any) -> Iterator[Tuple[int, torch.Tensor]]:
         """(k, x_T) of this rank's batches. Every rank draws all the starting noise in order, so batch k has

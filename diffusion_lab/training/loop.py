@@ -144,20 +144,21 @@ class Loop:
         self.kept = kept  # the newest checkpoint of this run: (path, step)
         self.window, self.bad_steps, self.train_seconds = Window(), 0, 0.0
         self.first_step, self.grid_path, self.stopped = state.step, None, False
+        self.stop = preemption.Preemption()  # the run's signal handler (run_steps)
 
-    def run_steps(self) -> preemption.Preemption:
-        """Train up to train.steps or a stop signal (on any rank); returns the signal handler."""
-        batches = iter(self.run.loader)
-        with preemption.Preemption() as stop, progress.Progress(self.t.steps, self.state.step) as bar:
+    def run_steps(self, stop: preemption.Preemption) -> None:
+        """Train up to train.steps or a stop signal (on any rank). A signal after the last step (during its grid
+        or FID) does not make a finished run a stopped one: `stopped` is False, there is nothing to resume."""
+        self.stop, batches = stop, iter(self.run.loader)
+        with progress.Progress(self.t.steps, self.state.step) as bar:
             self.state.started = time.perf_counter()
             while self.state.step < self.t.steps and not self.run.ranks.any(stop.requested):
                 self.step(batches)
                 self.after_step(bar)
                 bar.update()
-            self.stopped = self.run.ranks.any(stop.requested)
+            self.stopped = self.state.step < self.t.steps and self.run.ranks.any(stop.requested)
             if self.stopped:
-                self.kept = self.save("last.pt")
-        return stop
+                self.save_last()
 
     def step(self, batches) -> None:
         """One optimizer step; a run of max_bad_steps skipped (non-finite) steps raises Diverged."""
@@ -177,18 +178,20 @@ class Loop:
             self.window.n += 1
 
     def after_step(self, bar: progress.Progress) -> None:
-        """Log point, checkpoint (before the grid and FID, which can fail), sample grid and FID when due."""
+        """Log point, checkpoint, sample grid and FID when due. Every grid and FID comes after this step's
+        last.pt, so one that fails, or a stop signal during one, loses no step."""
         t, step, fid = self.t, self.state.step, self.run.fid
         last = step == t.steps
         if (step % t.log_every == 0 or last) and self.window.n:
             self.log_point(bar)
-        checkpoint_due = bool(t.checkpoint_every and step % t.checkpoint_every == 0) or last
-        if checkpoint_due:
-            self.kept = self.save("last.pt")
-        if (t.sample_every and step % t.sample_every == 0) or last:
+        grid_due = bool(t.sample_every and step % t.sample_every == 0) or last
+        fid_due = fid.due(step) or (last and fid.enabled)
+        if grid_due or fid_due or bool(t.checkpoint_every and step % t.checkpoint_every == 0) or last:
+            self.save_last()
+        if grid_due:
             self.grid_path = self.out.grid(step, self.run.sample_grid)
-        if fid.due(step) or (last and fid.enabled):
-            self.evaluate(checkpoint_due)
+        if fid_due:
+            self.evaluate()
 
     def log_point(self, bar: progress.Progress) -> None:
         """Mean loss over the window (and over the ranks), learning rate, grad norm and throughput."""
@@ -202,20 +205,30 @@ class Loop:
         bar.report(step, mean_loss, lr, images_per_s)
         self.window = Window()
 
-    def evaluate(self, checkpoint_due: bool) -> None:
-        """FID of the EMA model (generation split over the ranks); best.pt when it is the best so far."""
-        fid, step = self.run.fid, self.state.step
-        result = fid.evaluate(self.run.generate, self.run.ranks)
+    def evaluate(self) -> None:
+        """FID of the EMA model (generation split over the ranks); best.pt when it is the best so far. A stop
+        signal ends it between two batches: this step then has no FID, and its last.pt is already written."""
+        fid, step, stop = self.run.fid, self.state.step, self.stop
+        result = fid.evaluate(self.run.generate, self.run.ranks, stop=lambda: stop.requested)
+        if result is None:
+            log.info(f"step {step}: FID not measured: {stop.name or 'another rank'} arrived during it; "
+                     f"{self.kept[0]} holds step {step}")
+            return
         log.info(f"step {step}: {result}")
         self.out.log({"fid": result.value, "fid_floor": result.floor, **result.scores}, step)
         if fid.record(step, result):
             self.save("best.pt")
-        if checkpoint_due:  # again, now holding this step's FID
-            self.save("last.pt")
+        self.kept = self.save("last.pt")  # again, now holding this step's FID
+
+    def save_last(self) -> None:
+        """last.pt at this step, unless it is already on disk."""
+        if self.kept != (self.out.run_dir / "checkpoints" / "last.pt", self.state.step):
+            self.kept = self.save("last.pt")
 
     def save(self, name: str) -> tuple:
-        """Write checkpoints/`name` (rank 0); returns (path, step)."""
-        return self.out.checkpoint(name, self.state.state_dict()), self.state.step
+        """Write checkpoints/`name` (rank 0), whole even if a second Ctrl-C comes meanwhile; returns (path, step)."""
+        with self.stop.shielded(f"checkpoints/{name}"):
+            return self.out.checkpoint(name, self.state.state_dict()), self.state.step
 
     @property
     def images_per_s(self) -> Optional[float]:
@@ -277,19 +290,19 @@ def summarize(run: Run, state: RunState, loop: Loop, out: Outputs, identity: Dic
 
 def finish(run: Run, state: RunState, loop: Loop, out: Outputs, stop: preemption.Preemption,
            identity: Dict[str, Any]) -> Dict[str, Any]:
-    """Pictures, summary.json and the logger's summary; a stopped run then exits with 128 + signal."""
+    """Pictures, summary.json and the logger's summary (a signal meanwhile waits for them). A stopped run then
+    exits with 128 + signal (`stop.exit()`, by the caller once the handler is gone); a finished one with 0."""
     out.pictures(lambda: final_pictures(run, out.run_dir, identity["name"]), state.step)
     summary = summarize(run, state, loop, out, identity)
     out.summary(summary, upload_checkpoint=not loop.stopped)
-    out.finish(exit_code=preemption.exit_code(stop.signum) if stop.requested else 0)
+    out.finish(exit_code=preemption.exit_code(stop.signum) if loop.stopped and stop.requested else 0)
     if loop.stopped:
         log.info(f"stopped by {stop.name or 'another rank'} at step {state.step}: wrote {loop.kept[0]}; continue "
                  f"with train.resume=auto or train.resume={loop.kept[0]}")
-        if stop.requested:
-            stop.exit()
         return summary
     log.info(f"done: {state.step} steps in {summary['wall_time_s']:.0f}s, final loss {summary['final_loss']:.4f}, "
-             f"run dir {out.run_dir}")
+             f"run dir {out.run_dir}" + (f" ({stop.name} arrived after the last step: the run is finished, "
+                                         "there is nothing to resume)" if stop.requested else ""))
     return summary
 
 

@@ -1,8 +1,10 @@
-"""Preemption: a stop signal finishes the current step, the run writes last.pt and exits with 128 + signal.
+"""Preemption: a stop signal finishes the current step (or the FID batch in progress), the run writes last.pt and
+exits with 128 + signal. One that arrives after the last step leaves a finished run (exit 0, nothing to resume).
 
 SIGTERM (SLURM and most schedulers before a kill), SIGINT (Ctrl-C), SIGUSR1 and SIGUSR2 (submitit's
 preemption/timeout warning) all ask for a stop. Exit codes follow the shell convention: 130 SIGINT,
-138 SIGUSR1, 140 SIGUSR2, 143 SIGTERM. A second Ctrl-C aborts at once, without a checkpoint.
+138 SIGUSR1, 140 SIGUSR2, 143 SIGTERM. A second Ctrl-C aborts at once (`Aborted`), without a new checkpoint;
+one that arrives while a checkpoint is being written (`shielded`) waits for the write to complete.
 
 Commands that can stop anywhere (`sample`, `evaluate`) use `stop_on_signal` instead: SIGINT or SIGTERM raises
 `Stopped` at once, the command may keep what it has (evaluate writes the settings it scored), and the process
@@ -26,12 +28,18 @@ def exit_code(signum: int) -> int:
     return 128 + int(signum)
 
 
+class Aborted(KeyboardInterrupt):
+    """A second Ctrl-C: the run ends at once; the message (one line) says what was written."""
+
+
 class Preemption:
     """Context manager: records the first stop signal; the training loop checks `requested` after each step."""
 
     def __init__(self):
         self.signum: Optional[int] = None
         self._previous: Dict[int, object] = {}
+        self._writing = 0  # checkpoint writes in progress (see shielded)
+        self._abort_after_write = False
 
     @property
     def requested(self) -> bool:
@@ -52,11 +60,27 @@ class Preemption:
     def _handle(self, signum, frame) -> None:
         if self.requested:
             if signum == signal.SIGINT and self.signum == signal.SIGINT:
-                raise KeyboardInterrupt
+                if not self._writing:
+                    raise Aborted("aborted by a second SIGINT (Ctrl-C); no new checkpoint was written")
+                self._abort_after_write = True
+                print("\nSIGINT again: aborting once the checkpoint being written is complete", file=sys.stderr)
             return  # already stopping: a scheduler's repeated warning changes nothing
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name} received: stopping after this step and writing a checkpoint"
-              + (" (Ctrl-C again to abort without one)" if signum == signal.SIGINT else ""), file=sys.stderr)
+        print(f"\n{signal.Signals(signum).name} received: stopping after this step (or FID batch) and writing a "
+              "checkpoint" + (" (Ctrl-C again to abort without one)" if signum == signal.SIGINT else ""),
+              file=sys.stderr)
+
+    @contextlib.contextmanager
+    def shielded(self, what: str) -> Iterator[None]:
+        """A checkpoint write that a second Ctrl-C cannot cut in half (torch.save would report the interrupted
+        write as a disk error): the write completes, then the run aborts (`Aborted`, naming `what`)."""
+        self._writing += 1
+        try:
+            yield
+        finally:
+            self._writing -= 1
+        if self._abort_after_write and not self._writing:
+            raise Aborted(f"aborted by a second SIGINT (Ctrl-C) after {what} was written")
 
     def __exit__(self, *exc) -> bool:
         for signum, previous in self._previous.items():
