@@ -10,8 +10,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
+from .. import console
 from ..diffusion.objectives import Objective
 from ..diffusion.schedules import NoiseSchedule
 from ..evaluation.fid import FIDEvaluator
@@ -66,7 +66,8 @@ def generate(trained: Trained, sampler: Callable, num_samples: int, batch_size: 
     conditional model has class ``labels[i]`` (guided as the sampler says)."""
     generator = torch.Generator(device=device).manual_seed(seed)
     batches = []
-    for start in tqdm(range(0, num_samples, batch_size), desc="sample", disable=not progress):
+    starts = range(0, num_samples, batch_size)
+    for start in console.progress(starts, len(starts), "sample") if progress else starts:
         x_T = torch.randn((min(batch_size, num_samples - start), *trained.image_shape), generator=generator,
                           device=device)
         y = None if labels is None else labels[start:start + len(x_T)].to(device)

@@ -22,6 +22,7 @@ import numpy as np
 import yaml
 from omegaconf import OmegaConf
 
+from .. import console
 from .plots import plot_curves, read_metrics, smooth
 
 IGNORED = ("logger", "train.resume", "run_name", "device")  # keys (and key prefixes) that never tell runs apart
@@ -381,6 +382,7 @@ def compare(paths: Sequence[Path], out: Optional[Path] = None, metric: str = "be
     keys = differing_keys(runs)
     out = Path(out or paths[0])
     out.mkdir(parents=True, exist_ok=True)
+    console.log_to(out, "compare")  # compare.log: every line printed here
     groups = settings(runs, keys, pool)
     summary_text = settings_table(groups, metric)
     statements = noise_statements(groups, metric)
@@ -388,14 +390,13 @@ def compare(paths: Sequence[Path], out: Optional[Path] = None, metric: str = "be
     left_out = sum(1 for r in runs if r.note)
     note = [f"({left_out} unfinished or interrupted run(s) left out of the settings above)"] if left_out else []
     note += [f"(pooled over {', '.join(pool)}: runs that differ in it count as one setting)"] if pool else []
-    print("\n".join([summary_text, *note, "", *statements, *([""] if statements else []), text]))
-    for line in fid_labels(runs):
-        print(line)
+    console.say("\n".join([summary_text, *note, "", *statements, *([""] if statements else []), text,
+                           *fid_labels(runs)]))
     plots = plot(runs, keys, out)
     if len(plots) == 1:
-        print("no run has FID values: compare_fid.png skipped")
+        console.info("no run has FID values: compare_fid.png skipped")
     csv_path = write_csv(runs, keys, metric, out / "compare.csv")
-    print(f"wrote {', '.join(p.name for p in [*plots, csv_path])} to {out}")
+    console.info(f"wrote {', '.join(p.name for p in [*plots, csv_path])} to {out}")
     return {"table": text, "settings_table": summary_text, "statements": statements, "settings": groups,
             "fid_labels": fid_labels(runs), "plots": plots, "csv": csv_path, "runs": runs}
 

@@ -13,6 +13,7 @@ from .features import digits_classifier
 from .fid import FIDEvaluator, FIDResult
 
 log = logging.getLogger(__name__)
+REFERENCES = ("test", "train")  # eval.reference: the split of the run's data that FID compares with
 
 
 def build_evaluator(eval_cfg, datasets: Callable[[str], torch.utils.data.Dataset], device, num_samples: int,

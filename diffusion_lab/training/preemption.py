@@ -10,6 +10,8 @@ import signal
 import sys
 from typing import Dict, NoReturn, Optional
 
+from .. import console
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -47,8 +49,10 @@ class Preemption:
                 raise KeyboardInterrupt
             return  # already stopping: a scheduler's repeated warning changes nothing
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name} received: stopping after this step and writing a checkpoint"
-              + (" (Ctrl-C again to abort without one)" if signum == signal.SIGINT else ""), file=sys.stderr)
+        line = (f"{signal.Signals(signum).name} received: stopping after this step and writing a checkpoint"
+                + (" (Ctrl-C again to abort without one)" if signum == signal.SIGINT else ""))
+        print(f"\n{line}", file=sys.stderr)
+        console.record(line)
 
     def __exit__(self, *exc) -> bool:
         for signum, previous in self._previous.items():
