@@ -211,6 +211,7 @@ def misspelt_key(job: Sequence[str], config_name: str) -> Optional[str]:
 
 def checked_main(hydra_main: Callable[[], Any], config_name: str = "config") -> None:
     """A command's entry point: check every override before Hydra starts (one-line errors), then run."""
+    console.close()  # a log file of an earlier command in this process gets nothing of this one
     refused.plan(None)
     if not HYDRA_FLAGS.intersection(sys.argv[1:]):
         check_overrides(sys.argv[1:], config_name=config_name)
