@@ -33,7 +33,8 @@ def assert_logged(out: str, err: str, log_file):
     assert printed, "the command printed something"
     missing = [line for line in printed if line not in text]
     assert not missing, f"printed but not in {log_file.name}: {missing}"
-    assert "\r" not in out and not any(RAW_LOG_LINE.match(line) for line in out.splitlines()), out
+    assert "\r" not in out + err, "no progress bar (carriage returns) without a terminal"
+    assert not any(RAW_LOG_LINE.match(line) for line in out.splitlines()), out
     return text
 
 

@@ -78,7 +78,8 @@ def generate(trained: Trained, sampler: Callable, num_samples: int, batch_size: 
 def make_fid_evaluator(eval_cfg: DictConfig, train_cfg: DictConfig, device: torch.device,
                        num_samples: int) -> FIDEvaluator:
     """A FID evaluator against split `eval.reference` of the checkpoint's data, with its floor at num_samples."""
-    return build_evaluator(eval_cfg, functools.partial(build_dataset, train_cfg), device, num_samples)
+    return build_evaluator(eval_cfg, functools.partial(build_dataset, train_cfg), device, num_samples,
+                           progress=console.terminal())  # clean-fid's bar: no carriage returns in a redirected file
 
 
 def sampler_settings(entry: DictConfig) -> Dict:
