@@ -107,7 +107,7 @@ def test_choices_are_the_ones_the_code_reads():
     from diffusion_lab.config.validation import choice_rules
     from diffusion_lab.training.loggers import WANDB_MODES
 
-    [(_, _, ok, expected)] = [r for r in choice_rules() if r[0] == "logger.mode"]
+    [(_, _, ok, expected)] = [r for r in choice_rules(compose_config()) if r[0] == "logger.mode"]
     assert all(ok(mode) for mode in WANDB_MODES) and not ok("offlin") and expected.endswith(", ".join(WANDB_MODES))
 
 

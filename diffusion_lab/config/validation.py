@@ -4,9 +4,10 @@
 """
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
-from typing import Any, Callable, Sequence, Tuple
+from typing import Any, Callable, List, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -81,24 +82,28 @@ RULES: Sequence[Rule] = (
 )
 
 
-def choice_rules() -> Sequence[Rule]:
-    """Enumerated string values, checked against the choices where the code that reads them keeps them."""
-    from ..diffusion.objectives import WEIGHTINGS
-    from ..diffusion.samplers import DDPM_VARIANCES
-    from ..evaluation.fid import EXTRACTORS, FALLBACKS, MODES
-    from ..evaluation.tracker import REFERENCES
-    from ..training.loggers import WANDB_MODES
-    from ..training.step import OPTIMIZERS, PRECISIONS
+# Enumerated string values: (key, module, name of the tuple of choices the code that reads the key keeps).
+CHOICES: Sequence[Tuple[str, str, str]] = (
+    ("objective.weighting", "diffusion.objectives", "WEIGHTINGS"),
+    ("sampler.variance", "diffusion.samplers", "DDPM_VARIANCES"),
+    ("train.optimizer", "training.step", "OPTIMIZERS"),
+    ("train.precision", "training.step", "PRECISIONS"),
+    ("eval.mode", "evaluation.fid", "MODES"),
+    ("eval.reference", "evaluation.tracker", "REFERENCES"),
+    ("eval.feature_extractor", "evaluation.fid", "EXTRACTORS"),
+    ("eval.fallback", "evaluation.fid", "FALLBACKS"),
+    ("logger.mode", "training.loggers", "WANDB_MODES"),
+)
 
-    return (_rule("objective.weighting", str, _one_of(*WEIGHTINGS)),
-            _rule("sampler.variance", str, _one_of(*DDPM_VARIANCES)),
-            _rule("train.optimizer", str, _one_of(*OPTIMIZERS)),
-            _rule("train.precision", str, _one_of(*PRECISIONS)),
-            _rule("eval.mode", str, _one_of(*MODES)),
-            _rule("eval.reference", str, _one_of(*REFERENCES)),
-            _rule("eval.feature_extractor", str, _one_of(*EXTRACTORS)),
-            _rule("eval.fallback", str, _one_of(*FALLBACKS)),
-            _rule("logger.mode", str, _one_of(*WANDB_MODES)))
+
+def choice_rules(node: Any, prefix: str = "") -> List[Rule]:
+    """The rules of the CHOICES keys under `prefix` that `node` has (a module is imported only when needed)."""
+    rules = []
+    for key, module, name in CHOICES:
+        if key.startswith(prefix) and OmegaConf.select(node, key[len(prefix):], default=None) is not None:
+            choices = getattr(importlib.import_module(f"diffusion_lab.{module}"), name)
+            rules.append(_rule(key[len(prefix):], str, _one_of(*choices)))
+    return rules
 
 
 # List-typed values, checked entry by entry: (key, entry type, check).
@@ -179,8 +184,8 @@ def _check_sampler_lists(cfg: DictConfig) -> None:
                                   f"{{name: {entry if isinstance(entry, str) else 'ddim'}, steps: 20}}")
             if entry.name not in known:
                 raise ConfigError(f"samplers[{i}].name='{entry.name}': unknown sampler; known: {', '.join(known)}")
-            _check_rules(entry, [(k[len("sampler."):], *r) for k, *r in (*RULES, *choice_rules())
-                                 if k.startswith("sampler.")], shown=f"samplers[{i}].")
+            rules = [(k[len("sampler."):], *r) for k, *r in RULES if k.startswith("sampler.")]
+            _check_rules(entry, [*rules, *choice_rules(entry, "sampler.")], shown=f"samplers[{i}].")
     also = OmegaConf.select(cfg, "also", default=None)
     for i, name in enumerate(also if OmegaConf.is_list(also) else []):
         if name not in known:
@@ -191,7 +196,7 @@ def validate(cfg: DictConfig) -> None:
     """Raise ConfigError (one line) for a missing required value, or one of the wrong type or range; lists
     entry by entry."""
     check_required(cfg)
-    _check_rules(cfg, (*RULES, *choice_rules()))
+    _check_rules(cfg, (*RULES, *choice_rules(cfg)))
     _check_lists(cfg)
     _check_sampler_lists(cfg)
     resume = OmegaConf.select(cfg, "train.resume", default=None)
