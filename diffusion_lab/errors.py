@@ -10,7 +10,12 @@ class ConfigError(ValueError):
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    """Print one line to stderr and exit non-zero."""
+    """Print one line to stderr (and into the command's log file, when it has one) and exit non-zero."""
+    import logging
+
+    from . import console
+
+    console.record(f"error: {message}", logging.ERROR)
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
 

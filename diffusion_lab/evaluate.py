@@ -18,14 +18,14 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import files
+from . import console, files
 from .config import CONF_DIR
 from .config.build import resolve_device
 from .config.preflight import checked_main, run_command
 from .config.trained import check_steps, generate, load_trained, make_fid_evaluator, sampler_settings
 from .data.images import save_grid
 from .diffusion.conditioning import balanced_labels
-from .diffusion.samplers import build_sampler, num_evaluations
+from .diffusion.samplers import build_sampler, num_evaluations, num_steps, setting_label
 from .evaluation.features import class_accuracy
 from .evaluation.plots import plot_fid_vs_cost, plot_guidance
 from .training import preemption
@@ -43,6 +43,11 @@ def guidance_scales(cfg: DictConfig, labels: Optional[torch.Tensor]) -> List[Opt
     return [float(w) for w in cfg.guidance_scales]
 
 
+def file_tag(label: str) -> str:
+    """A setting's label as a file name part: `heun, 10 steps, 19 NFE` -> `heun_10steps_19nfe`."""
+    return "_".join(part.replace(" ", "").lower() for part in label.split(", "))
+
+
 def score(cfg: DictConfig, trained, evaluator, settings: Dict, labels: Optional[torch.Tensor], run_dir: Path,
           device: torch.device) -> Dict:
     """FID (and, for a conditional model with a classifier, the accuracy on the asked labels) of one setting."""
@@ -53,15 +58,15 @@ def score(cfg: DictConfig, trained, evaluator, settings: Dict, labels: Optional[
                       labels=labels)
     seconds = time.perf_counter() - started
     result = evaluator.score(images)
-    nfe = num_evaluations(name, settings, trained.schedule.num_timesteps)
+    T = trained.schedule.num_timesteps
+    nfe, steps, label = num_evaluations(name, settings, T), num_steps(name, settings, T), setting_label(name, settings, T)
     w = settings.get("guidance_scale")
-    tag = f"{name}-{nfe}" + (f"-w{w:g}" if w is not None else "")
     classifier = evaluator.extractor if hasattr(evaluator.extractor, "logits") else None
     accuracy = class_accuracy(classifier, images, labels) if labels is not None and classifier is not None else None
-    save_grid(images[:64], run_dir / f"grid_{tag}.png")
-    print(f"{tag:>20}  NFE {nfe:5d}  FID {result.value:9.4f} (floor {result.floor:.4f})  "
-          + (f"accuracy {accuracy:.4f}  " if accuracy is not None else "") + f"{seconds:7.1f}s")
-    return {"sampler": name, "nfe": nfe, "guidance_scale": w, "fid": result.value, "fid_floor": result.floor,
+    save_grid(images[:64], run_dir / f"grid_{file_tag(label)}.png")
+    console.info(f"{label}: FID {result.value:.4f} (floor {result.floor:.4f})"
+                 + (f", accuracy {accuracy:.4f}" if accuracy is not None else "") + f", {seconds:.1f}s")
+    return {"sampler": name, "steps": steps, "nfe": nfe, "guidance_scale": w, "setting": label, "fid": result.value, "fid_floor": result.floor,
             "accuracy": accuracy, "seconds": seconds, "seconds_per_image": seconds / cfg.num_samples,
             "settings": json.dumps(settings), "label": result.label()}
 
@@ -121,11 +126,11 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> List[Dict]:
     pictures = {"fid_vs_cost": plot_fid_vs_cost(rows, run_dir / "fid_vs_cost.png", title, floor=floor)}
     if scales != [None]:
         pictures["guidance"] = plot_guidance(rows, run_dir / "guidance.png", title, floor=floor)
-    values = {f"fid/{r['sampler']}-{r['nfe']}" + (f"-w{r['guidance_scale']:g}" if r["guidance_scale"] is not None else ""):
-              r["fid"] for r in rows}
+    values = {f"fid/{file_tag(r['setting'])}": r["fid"] for r in rows}
     log_linked_run(OmegaConf.to_container(trained.config), trained.source, "evaluate", run_dir,
                    OmegaConf.to_container(cfg), {**values, "fid_floor": evaluator.floor, "fid_label": label}, pictures)
-    print(f"{label}\nwrote {', '.join(str(p) for p in pictures.values())} and fid_vs_cost.csv")
+    console.info(label)
+    console.info(f"wrote {', '.join(str(p) for p in pictures.values())} and {run_dir / 'fid_vs_cost.csv'}")
     return rows
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from . import console
 from .config import CONF_DIR
 from .config.build import build_sampler, resolve_device
 from .config.preflight import checked_main, run_command
@@ -79,7 +80,7 @@ def sample(cfg: DictConfig, run_dir: Path) -> dict:
         evaluator = make_fid_evaluator(cfg.eval, trained.config, device, num_samples)
         if evaluator.enabled:
             result = evaluator.score(images)
-            print(result)
+            console.info(str(result))
             summary["fid"] = {"value": result.value, "label": result.label(), "floor": result.floor,
                               "floor_n": result.floor_n, **result.scores}
     values = {f"fid_{k}" if k != "value" else "fid": v for k, v in summary.get("fid", {}).items()}
@@ -87,7 +88,7 @@ def sample(cfg: DictConfig, run_dir: Path) -> dict:
                                       OmegaConf.to_container(cfg), {"num_samples": num_samples, **values},
                                       {"grid": run_dir / "grid.png"})
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"wrote {run_dir / 'grid.png'} and {run_dir / 'samples.npz'} ({num_samples} images)")
+    console.info(f"wrote {run_dir / 'grid.png'} and {run_dir / 'samples.npz'} ({num_samples} images)")
     return summary
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -27,9 +26,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from . import console
 from .config import CONF_DIR, trained
 from .config.build import build_objective, build_schedule
-from .config.preflight import run_command
+from .config.preflight import checked_main, run_command
 from .diffusion.exact import ExactDenoiser, GaussianMixture
 from .diffusion.samplers import build_sampler, num_evaluations, steps_for
 
@@ -193,14 +193,14 @@ def lab(cfg: DictConfig, run_dir: Path) -> List[Dict]:
         writer.writeheader()
         writer.writerows({k: r[k] for k in FIELDS} for r in rows)
     plot(rows, run_dir / "sampler_lab.png")
-    print(f"{'sampler':<16} {'grid':<10} {'NFE':>4} {'mode err':>9} {'spread err':>10} {'SW':>8}   "
-          f"({cfg.schedule.name}, n={cfg.n})")
-    print(f"{'noise floor':<16} {'':<10} {'':>4} {rows[0]['mode_weight_floor']:>9.4f} {rows[0]['spread_floor']:>10.4f} "
-          f"{rows[0]['sw_floor']:>8.4f}")
-    for r in rows:
-        print(f"{r['sampler']:<16} {r['grid']:<10} {r['nfe']:>4} {r['mode_weight_error']:>9.4f} "
-              f"{r['spread_error']:>10.4f} {r['sw']:>8.4f}")
-    print(f"wrote {run_dir / 'sampler_lab.csv'} and {run_dir / 'sampler_lab.png'}")
+    lines = [f"{'sampler':<16} {'grid':<10} {'steps':>5} {'NFE':>4} {'mode err':>9} {'spread err':>10} {'SW':>8}   "
+             f"({cfg.schedule.name}, n={cfg.n})",
+             f"{'noise floor':<16} {'':<10} {'':>5} {'':>4} {rows[0]['mode_weight_floor']:>9.4f} "
+             f"{rows[0]['spread_floor']:>10.4f} {rows[0]['sw_floor']:>8.4f}"]
+    lines += [f"{r['sampler']:<16} {r['grid']:<10} {r['steps']:>5} {r['nfe']:>4} {r['mode_weight_error']:>9.4f} "
+              f"{r['spread_error']:>10.4f} {r['sw']:>8.4f}" for r in rows]
+    console.say("\n".join(lines))
+    console.info(f"wrote {run_dir / 'sampler_lab.csv'} and {run_dir / 'sampler_lab.png'}")
     return rows
 
 
@@ -210,20 +210,8 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Unknown group options stop with one line before Hydra starts."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from .config.preflight import _check_group_choices
-    from .errors import fail
-
-    try:
-        problem = _check_group_choices(OverridesParser.create().parse_overrides(
-            [a for a in sys.argv[1:] if not a.startswith("-")]))
-    except Exception as error:  # Hydra's OverrideParseException
-        problem = str(error).splitlines()[0]
-    if problem:
-        fail(problem)
-    hydra_main()
+    """Every bad value stops with one line before Hydra starts."""
+    checked_main(hydra_main, config_name="sampler_lab")
 
 
 if __name__ == "__main__":

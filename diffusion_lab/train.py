@@ -19,13 +19,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
+from . import console
 from .config import CONF_DIR
 from .config.build import build_components, build_dataset, resolve_device
-from .config.preflight import checked_main
+from .config.preflight import checked_main, refusals
 from .config.validation import validate
 from .data.datasets import DatasetNotFoundError
 from .data.loader import ResumableLoader
-from .errors import ConfigError, error_line, fail
+from .errors import ConfigError, fail
 from .evaluation.tracker import FIDTracker
 from .registry import UnknownChoiceError
 from .training import checkpoint, cluster, distributed, preemption, progress
@@ -52,7 +53,7 @@ def resume_path(cfg: DictConfig, outputs_root: Path) -> Optional[Path]:
         return None
     if resume == "auto":
         found = checkpoint.find_resumable(cfg, [outputs_root])
-        print(f"resume=auto: {'continuing ' + str(found) if found else 'no matching run found; starting fresh'}")
+        console.info(f"resume=auto: {'continuing ' + str(found) if found else 'no matching run found; starting fresh'}")
         return found
     return run_dirs.checkpoint_file(Path(str(resume)))
 
@@ -164,11 +165,10 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
         swept = swept_keys(sweep)
         group = sweep_group(swept, sweep)
     try:
-        finished = cluster.prepare(cfg, Path(hc.runtime.output_dir))  # submitit: ranks; a requeued job resumes
-        summary = finished or train(cfg, Path(hc.runtime.output_dir), group=group, overrides=hc.overrides.task,
-              outputs_root=Path(hc.runtime.cwd) / "outputs", swept=swept)
-    except (ConfigError, UnknownChoiceError, DatasetNotFoundError, OSError) as error:
-        fail(error_line(error))
+        with refusals(Path(hc.runtime.output_dir), (ConfigError, UnknownChoiceError, DatasetNotFoundError, OSError)):
+            finished = cluster.prepare(cfg, Path(hc.runtime.output_dir))  # submitit: ranks; a requeued job resumes
+            summary = finished or train(cfg, Path(hc.runtime.output_dir), group=group, overrides=hc.overrides.task,
+                                        outputs_root=Path(hc.runtime.cwd) / "outputs", swept=swept)
     except Diverged as error:
         fail(str(error), code=3)
     except preemption.Aborted as error:  # a second Ctrl-C

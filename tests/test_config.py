@@ -66,6 +66,7 @@ def test_launchers_compose(launcher, keys):
     (["model=cifar", "model.dropout=2"], "model.dropout"), (["train.batch_size=0"], "train.batch_size"),
     (["train.lr=abc"], "train.lr"), (["sampler=ddim", "sampler.eta=1.5"], "sampler.eta"),
     (["train.precision=fp8"], "train.precision"),
+    (["logger.mode=offlin"], "logger.mode='offlin' must be one of auto, online, offline, disabled"),
 ])
 def test_validate_rejects_bad_values(overrides, needle):
     cfg = compose_config(overrides)
@@ -84,3 +85,39 @@ def test_cifar_model_brings_cifar10_unless_data_is_given():
     assert compose_config(["model=cifar", "schedule=linear"]).data.name == "cifar10"
     assert compose_config(["model=cifar", "data=digits"]).data.name == "digits"
     assert compose_config([]).data.name == "digits"
+
+
+@pytest.mark.parametrize("overrides,config_name,needle", [
+    (["checkpoint=x", "samplers=[ddim]"], "evaluate", "samplers[0]='ddim' must be a sampler setting like {name: ddim"),
+    (["checkpoint=x", "samplers=[{name:heun,steps:-1}]"], "evaluate", "samplers[0].steps=-1 must be > 0"),
+    (["checkpoint=x", "guidance_scales=[0,a]"], "evaluate", "guidance_scales[1]='a' must be float"),
+    (["checkpoint=x", "labels=[3,-1]"], "sample", "labels[1]=-1 must be >= 0"),
+    (["also=[heun,eulr]"], "sampler_lab", "also[1]='eulr': unknown sampler"),
+    (["nfe=[5,0]"], "sampler_lab", "nfe[1]=0 must be > 0"),
+    (["model.hidden_dims=[16,0]"], "config", "model.hidden_dims[1]=0 must be > 0"),
+    (["train.betas=[0.9,x]"], "config", "train.betas[1]='x' must be float"),
+])
+def test_list_values_are_checked_entry_by_entry(overrides, config_name, needle):
+    with pytest.raises(ConfigError) as info:
+        validate(compose_config(overrides, config_name=config_name))
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_choices_are_the_ones_the_code_reads():
+    from diffusion_lab.config.validation import choice_rules
+    from diffusion_lab.training.loggers import WANDB_MODES
+
+    [(_, _, ok, expected)] = [r for r in choice_rules(compose_config()) if r[0] == "logger.mode"]
+    assert all(ok(mode) for mode in WANDB_MODES) and not ok("offlin") and expected.endswith(", ".join(WANDB_MODES))
+
+
+@pytest.mark.parametrize("override,close", [("train.stpes=5", "train.steps"), ("sampler.stpes=5", "sampler.steps"),
+                                            ("trian.steps=5", "train.steps"), ("model.dropot=0.1", "model.dropout")])
+def test_a_misspelt_key_is_answered_with_the_close_one_first(capsys, override, close):
+    from diffusion_lab.config.preflight import check_overrides
+
+    with pytest.raises(SystemExit) as info:
+        check_overrides([override])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err == f"error: unknown key {override.split('=')[0]}; did you mean {close}?\n"
+    assert "+" not in err, "never Hydra's advice to add the misspelt key"

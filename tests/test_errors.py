@@ -50,6 +50,7 @@ def files(tmp_path_factory):
 TRAIN = "diffusion_lab.train"
 SAMPLE = "diffusion_lab.sample"
 EVALUATE = "diffusion_lab.evaluate"
+LAB = "diffusion_lab.sampler_lab"
 CASES = [  # (command, arguments with {name} filled from `files`, a piece of the expected line)
     (TRAIN, ["schedule=cosin"], "unknown schedule 'cosin'"),
     (TRAIN, ["model=unet9"], "unknown model 'unet9'"),
@@ -105,6 +106,21 @@ CASES = [  # (command, arguments with {name} filled from `files`, a piece of the
     (EVALUATE, ["checkpoint={good}", "samplers=[{name:nope}]", "eval.feature_extractor=small"], "unknown sampler"),
     (EVALUATE, ["checkpoint={good}", "samplers=[{name:ddim,steps:5000}]", "eval.feature_extractor=small"],
      "steps=5000"),
+    (EVALUATE, ["checkpoint={good}", "samplers=[ddim]"], "samplers[0]='ddim' must be a sampler setting like"),
+    (EVALUATE, ["checkpoint={good}", "samplers=[{name:ddim,steps:0}]"], "samplers[0].steps=0 must be > 0"),
+    (EVALUATE, ["checkpoint={good}", "samplers=[{name:ddim,eta:2}]"], "samplers[0].eta=2 must be in [0, 1]"),
+    (EVALUATE, ["checkpoint={good}", "samplers=[{name:dim}]"], "samplers[0].name='dim': unknown sampler"),
+    (EVALUATE, ["checkpoint={good}", "guidance_scales=[1,-2]"], "guidance_scales[1]=-2 must be >= 0"),
+    (EVALUATE, ["checkpoint={good}", "guidance_scales=2"], "guidance_scales=2 must be a non-empty list"),
+    (SAMPLE, ["checkpoint={good}", "labels=[0,-1]"], "labels[1]=-1 must be >= 0"),
+    (SAMPLE, ["checkpoint={good}", "sampler.stpes=5"], "unknown key sampler.stpes; did you mean sampler.steps?"),
+    (TRAIN, ["train.stpes=5"], "unknown key train.stpes; did you mean train.steps?"),
+    (TRAIN, ["trian.steps=5"], "unknown key trian.steps; did you mean train.steps?"),
+    (TRAIN, ["logger=wandb", "logger.mode=offlin"], "logger.mode='offlin' must be one of auto, online, offline"),
+    (TRAIN, ["model.hidden_dims=[16,0]"], "model.hidden_dims[1]=0 must be > 0"),
+    (TRAIN, ["train.betas=[0.9,x]"], "train.betas[1]='x' must be float"),
+    (LAB, ["also=[ddim,eulr]"], "also[1]='eulr': unknown sampler"),
+    (LAB, ["nfe=[5,0]"], "nfe[1]=0 must be > 0"),
 ]
 
 
@@ -130,3 +146,52 @@ def test_bad_input_is_one_line_exit_2(files, tmp_path, capsys, monkeypatch, comm
 
 def test_the_table_covers_at_least_30_cases():
     assert len(CASES) >= 30 and len({(c, tuple(a)) for c, a, _ in CASES}) == len(CASES)
+
+
+REFUSED_AFTER_HYDRA_STARTS = [  # refusals found once the command runs: Hydra has made the run dir by then
+    (TRAIN, ["train.batch_size=5000"]),
+    (TRAIN, ["device=cuda:7"]),
+    (TRAIN, ["data=cifar10", "data.download=false", "data.root={no_cifar}"]),
+    (TRAIN, ["train.resume={good}", "schedule=linear"]),
+    (SAMPLE, ["checkpoint={missing}"]),
+    (SAMPLE, ["checkpoint={good}", "sampler.steps=5000"]),
+    (EVALUATE, ["checkpoint={missing}"]),
+    (EVALUATE, ["checkpoint={good}", "samplers=[{name:ddim,steps:5000}]", "eval.feature_extractor=small"]),
+]
+
+
+def _filled(args, files):
+    return [re.sub(r"\{(\w+)\}", lambda m: str(files.get(m.group(1), m.group(0))), a) for a in args]
+
+
+@pytest.mark.parametrize("command,args", REFUSED_AFTER_HYDRA_STARTS,
+                         ids=[f"{c.split('.')[-1]}:{' '.join(a)}" for c, a in REFUSED_AFTER_HYDRA_STARTS])
+def test_a_refused_command_leaves_no_run_dir(files, tmp_path, capsys, command, args):
+    extra = FAST if command == TRAIN else []
+    code, _, err = run_main(command, [*extra, *_filled(args, files)], tmp_path, capsys)
+    assert code == 2 and err.startswith("error: "), err[-3000:]
+    assert list(tmp_path.iterdir()) == [], f"left behind: {sorted(map(str, tmp_path.rglob('*')))}"
+
+
+def test_a_refusal_keeps_a_run_dir_that_existed_before(files, tmp_path, capsys):
+    given = tmp_path / "given"
+    given.mkdir()
+    code, _, err = run_main(SAMPLE, [f"checkpoint={files['missing']}", f"hydra.run.dir={given}"], tmp_path, capsys)
+    assert code == 2 and "no checkpoint at" in err, err
+    assert given.is_dir(), "a dir that existed before the command stays"
+
+
+def test_only_a_dir_made_here_holding_only_hydra_files_and_logs_is_removed(tmp_path):
+    from diffusion_lab.config import refused
+
+    refused.plan(tmp_path / "outputs" / "day" / "run-0")  # nothing below tmp_path exists yet
+    run_dir = tmp_path / "outputs" / "day" / "run-1"  # the dir Hydra made (another uid)
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("a: 1")
+    (run_dir / "sample.log").write_text("error: no checkpoint\n")
+    (run_dir / "keep.txt").write_text("a file of the user's")
+    assert not refused.remove_unused(run_dir) and (run_dir / "keep.txt").is_file()
+    (run_dir / "keep.txt").unlink()
+    assert refused.remove_unused(run_dir)
+    assert list(tmp_path.iterdir()) == [], "the empty parents it made went too"
+    refused.plan(None)

@@ -18,8 +18,9 @@ def test_long_warning_is_one_console_line_and_whole_in_train_log(tmp_path, capsy
     progress.log.info("short line", extra=progress.FILE_ONLY)
     progress.log.info("a short message")
     out = capsys.readouterr().out.splitlines()
-    assert out == [f"warning: FID: clean-fid's Inception weights could not be loaded (HTTPError: 403) "
-                   f"(details in {log_file})", "a short message"]
+    assert out == [f"warning: FID: clean-fid's Inception weights could not be loaded (HTTPError: 403). clean-fid "
+                   f"needs the file /root/.cache/inception.pt; download it from https://example.org/inception.pt and "
+                   f"place it there (details in {log_file})", "a short message"]  # the explanation is left out
     text = log_file.read_text()
     assert LONG in text and "short line" in text and "a short message" in text
 

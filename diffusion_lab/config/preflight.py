@@ -5,37 +5,51 @@ command line first (sweeps expanded) and turns the first problem into one line.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from .. import console
 from ..errors import ConfigError, error_line, fail
 from ..training import run_dir, run_lock
 from ..training.distributed import ranks_from_env
-from . import CONF_DIR
+from . import CONF_DIR, options
+from . import refused
 from .validation import validate
 
 
 def run_command(command: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> None:
-    """Run command(cfg, Hydra's output dir); a refused input ends with one line, not a traceback."""
+    """Run command(cfg, Hydra's output dir), its console lines also in `<run dir>/<command>.log`; a refused
+    input ends with one line, not a traceback, and leaves no run dir behind."""
     from hydra.core.hydra_config import HydraConfig
 
+    hydra_config = HydraConfig.get()
+    run_dir = Path(hydra_config.runtime.output_dir)
+    console.log_to(run_dir, hydra_config.job.name)
+    with refusals(run_dir):
+        validate(cfg)
+        command(cfg, run_dir)
+
+
+@contextlib.contextmanager
+def refusals(run_dir: Path, kinds: Optional[tuple] = None) -> Iterator[None]:
+    """A refused input (by default a bad value, a missing file or dataset) inside: one line `error: ...`, exit 2,
+    and the run dir removed when it holds nothing but what Hydra and the log put there (`refused`)."""
     from ..data.datasets import DatasetNotFoundError
 
     try:
-        validate(cfg)
-        command(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (OSError, ValueError, DatasetNotFoundError) as error:
+        yield
+    except kinds or (OSError, ValueError, DatasetNotFoundError) as error:
+        if refused.removable(run_dir):
+            console.close()
+            refused.remove_unused(run_dir)
         fail(error_line(error))
-
-
-def _options(group: str) -> List[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
 def _one_line(error: Exception) -> str:
@@ -54,8 +68,8 @@ def _check_group_choices(overrides: Sequence[Any]) -> Optional[str]:
             continue
         values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
         for value in values:
-            if str(value) not in _options(group):
-                return f"unknown {group} '{value}'; known: {', '.join(_options(group))}"
+            if str(value) not in options(group):
+                return f"unknown {group} '{value}'; known: {', '.join(options(group))}"
     return None
 
 
@@ -169,12 +183,62 @@ def check_overrides(args: Sequence[str], config_name: str = "config") -> None:
                 check_added_keys(cfg, parser.parse_overrides(job))
                 validate(cfg)
             except Exception as error:
-                fail(_one_line(error))
+                fail(misspelt_key(job, config_name) or _one_line(error))
+        refused.plan(_planned_dir(texts if not multirun else [], config_name, "sweep" if multirun else "run"))
     GlobalHydra.instance().clear()
+
+
+def _planned_dir(texts: Sequence[str], config_name: str, mode: str) -> Optional[Path]:
+    """hydra.run.dir (or hydra.sweep.dir) as this command line resolves it now (its time, another uid)."""
+    from hydra import compose
+
+    try:
+        cfg = compose(config_name=config_name, overrides=list(texts), return_hydra_config=True)
+        return Path(str(OmegaConf.select(cfg, f"hydra.{mode}.dir")))
+    except Exception:  # a launcher's or sweeper's config that composes only under Hydra: remove nothing
+        return None
+
+
+def _close_key(cfg: DictConfig, key: str) -> Optional[str]:
+    """`train.steps` for `train.stpes`: the key with its first unknown part replaced by the closest known one."""
+    node, parts = cfg, key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, DictConfig):
+            return None
+        if part not in node:
+            close = difflib.get_close_matches(part, [str(k) for k in node.keys()], n=1)
+            return ".".join([*parts[:i], *close, *parts[i + 1:]]) if close else None
+        node = node._get_node(part)
+    return None
+
+
+def misspelt_key(job: Sequence[str], config_name: str) -> Optional[str]:
+    """For `key=value` whose key the config lacks but nearly has: `unknown key ...; did you mean ...?` (not
+    Hydra's advice to add the misspelt key with +)."""
+    from hydra import compose
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides(list(job))
+    choices = [text for text, o in zip(job, overrides) if o.is_add() or "." not in o.key_or_group]
+    try:
+        cfg = compose(config_name=config_name, overrides=choices)
+    except Exception:
+        return None
+    for override in overrides:
+        key = override.key_or_group
+        if override.is_add() or override.is_delete() or "." not in key or OmegaConf.select(cfg, key, default=None,
+                                                                                              throw_on_missing=False) is not None:
+            continue
+        close = _close_key(cfg, key)
+        if close and close != key:
+            return f"unknown key {key}; did you mean {close}?"
+    return None
 
 
 def checked_main(hydra_main: Callable[[], Any], config_name: str = "config") -> None:
     """A command's entry point: check every override before Hydra starts (one-line errors), then run."""
+    console.close()  # a log file of an earlier command in this process gets nothing of this one
+    refused.plan(None)
     if not HYDRA_FLAGS.intersection(sys.argv[1:]):
         check_overrides(sys.argv[1:], config_name=config_name)
     hydra_main()

@@ -11,8 +11,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
+from .. import console
 from ..diffusion.objectives import Objective
 from ..diffusion.schedules import NoiseSchedule
 from ..errors import error_line
@@ -109,7 +109,8 @@ def generate(trained: Trained, sampler: Callable, num_samples: int, batch_size: 
     conditional model has class ``labels[i]`` (guided as the sampler says)."""
     generator = torch.Generator(device=device).manual_seed(seed)
     batches = []
-    for start in tqdm(range(0, num_samples, batch_size), desc="sample", disable=not progress):
+    starts = range(0, num_samples, batch_size)
+    for start in console.progress(starts, len(starts), "sample") if progress else starts:
         x_T = torch.randn((min(batch_size, num_samples - start), *trained.image_shape), generator=generator,
                           device=device)
         y = None if labels is None else labels[start:start + len(x_T)].to(device)
@@ -120,7 +121,8 @@ def generate(trained: Trained, sampler: Callable, num_samples: int, batch_size: 
 def make_fid_evaluator(eval_cfg: DictConfig, train_cfg: DictConfig, device: torch.device,
                        num_samples: int) -> FIDEvaluator:
     """A FID evaluator against split `eval.reference` of the checkpoint's data, with its floor at num_samples."""
-    return build_evaluator(eval_cfg, functools.partial(build_dataset, train_cfg), device, num_samples)
+    return build_evaluator(eval_cfg, functools.partial(build_dataset, train_cfg), device, num_samples,
+                           progress=console.terminal())  # clean-fid's bar: no carriage returns in a redirected file
 
 
 def sampler_settings(entry: DictConfig) -> Dict:

@@ -4,9 +4,10 @@
 """
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
-from typing import Any, Callable, Sequence, Tuple
+from typing import Any, Callable, List, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -53,25 +54,21 @@ RULES: Sequence[Rule] = (
     _rule("schedule.max_beta", float, _unit),
     _rule("schedule.zero_terminal_snr", bool, (lambda v: True, "true or false")),
     _rule("schedule.max_terminal_signal", float, _positive),
-    _rule("objective.weighting", str, _one_of("uniform", "min_snr")),
     _rule("objective.snr_gamma", float, _positive),
     _rule("sampler.steps", int, _positive),
     _rule("sampler.eta", float, _closed_unit),
     _rule("sampler.snr", float, _non_negative),
-    _rule("sampler.variance", str, _one_of("fixed_small", "fixed_large")),
     _rule("sampler.guidance_scale", float, _non_negative),
     _rule("sampler.guidance_rescale", float, _closed_unit),
     _rule("train.cond_drop_prob", float, _closed_unit),
     _rule("train.steps", int, _positive),
     _rule("train.batch_size", int, _positive),
     _rule("train.grad_accum_steps", int, _positive),
-    _rule("train.optimizer", str, _one_of("adam", "adamw")),
     _rule("train.lr", float, _positive),
     _rule("train.weight_decay", float, _non_negative),
     _rule("train.warmup_steps", int, _non_negative),
     _rule("train.grad_clip", float, _non_negative),
     _rule("train.ema_decay", float, _unit),
-    _rule("train.precision", str, _one_of("auto", "fp32", "bf16", "fp16")),
     _rule("train.num_workers", int, _non_negative),
     _rule("train.log_every", int, _positive),
     _rule("train.sample_every", int, _non_negative),
@@ -82,11 +79,43 @@ RULES: Sequence[Rule] = (
     _rule("eval.every", int, _non_negative),
     _rule("eval.num_samples", int, _positive),
     _rule("eval.batch_size", int, _positive),
-    _rule("eval.mode", str, _one_of("clean", "legacy_pytorch", "legacy_tensorflow")),
-    _rule("eval.reference", str, _one_of("test", "train")),
-    _rule("eval.feature_extractor", str, _one_of("auto", "inception", "digits", "small")),
-    _rule("eval.fallback", str, _one_of("small", "none")),
 )
+
+
+# Enumerated string values: (key, module, name of the tuple of choices the code that reads the key keeps).
+CHOICES: Sequence[Tuple[str, str, str]] = (
+    ("objective.weighting", "diffusion.objectives", "WEIGHTINGS"),
+    ("sampler.variance", "diffusion.samplers", "DDPM_VARIANCES"),
+    ("train.optimizer", "training.step", "OPTIMIZERS"),
+    ("train.precision", "training.step", "PRECISIONS"),
+    ("eval.mode", "evaluation.fid", "MODES"),
+    ("eval.reference", "evaluation.tracker", "REFERENCES"),
+    ("eval.feature_extractor", "evaluation.fid", "EXTRACTORS"),
+    ("eval.fallback", "evaluation.fid", "FALLBACKS"),
+    ("logger.mode", "training.loggers", "WANDB_MODES"),
+)
+
+
+def choice_rules(node: Any, prefix: str = "") -> List[Rule]:
+    """The rules of the CHOICES keys under `prefix` that `node` has (a module is imported only when needed)."""
+    rules = []
+    for key, module, name in CHOICES:
+        if key.startswith(prefix) and OmegaConf.select(node, key[len(prefix):], default=None) is not None:
+            choices = getattr(importlib.import_module(f"diffusion_lab.{module}"), name)
+            rules.append(_rule(key[len(prefix):], str, _one_of(*choices)))
+    return rules
+
+
+# List-typed values, checked entry by entry: (key, entry type, check).
+LIST_RULES: Sequence[Rule] = (
+    _rule("train.betas", float, _unit),
+    _rule("model.hidden_dims", int, _positive),
+    _rule("guidance_scales", float, _non_negative),
+    _rule("labels", int, _non_negative),
+    _rule("nfe", int, _positive),
+    _rule("logger.tags", str, (lambda v: True, "a tag")),
+)
+MAY_BE_EMPTY = ("logger.tags",)
 
 
 def _typed(value: Any, kind: type) -> bool:
@@ -104,20 +133,72 @@ def check_required(cfg: DictConfig) -> None:
         raise ConfigError(f"{missing[0]} is required: add {missing[0]}=...")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError (one line) for a missing required value, or one of the wrong type or range."""
-    check_required(cfg)
-    for key, kind, ok, expected in RULES:
+def _check_value(shown: str, value: Any, kind: type, ok: Callable[[Any], bool], expected: str) -> None:
+    if not _typed(value, kind):
+        raise ConfigError(f"{shown}={value!r} must be {kind.__name__} ({expected})")
+    if not ok(value):
+        raise ConfigError(f"{shown}={value!r} must be {expected}")
+
+
+def _check_rules(node: Any, rules: Sequence[Rule], shown: str = "") -> None:
+    """Every rule whose key `node` has; errors name the key as `shown` + key (`samplers[2].steps`)."""
+    for key, kind, ok, expected in rules:
+        value = OmegaConf.select(node, key, default=None)
+        if value is not None:
+            _check_value(shown + key, value, kind, ok, expected)
+
+
+def _check_lists(cfg: DictConfig) -> None:
+    """List-typed values: a list, each entry of the entry type and range (`labels[2]=-1 must be >= 0`)."""
+    for key, kind, ok, expected in LIST_RULES:
         value = OmegaConf.select(cfg, key, default=None)
         if value is None:
             continue
-        if not _typed(value, kind):
-            raise ConfigError(f"{key}={value!r} must be {kind.__name__} ({expected})")
-        if not ok(value):
-            raise ConfigError(f"{key}={value!r} must be {expected}")
+        if not OmegaConf.is_list(value) or (len(value) == 0 and key not in MAY_BE_EMPTY):
+            raise ConfigError(f"{key}={_shown(value)} must be a non-empty list of {kind.__name__} ({expected}), "
+                              f"e.g. {key}=[...]")
+        for i, entry in enumerate(value):
+            _check_value(f"{key}[{i}]", entry, kind, ok, expected)
     betas = OmegaConf.select(cfg, "train.betas", default=None)
-    if betas is not None and not (len(betas) == 2 and all(0 <= b < 1 for b in betas)):
+    if betas is not None and len(betas) != 2:
         raise ConfigError(f"train.betas={list(betas)} must be two values in [0, 1)")
+
+
+def _shown(value: Any) -> str:
+    return repr(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
+
+
+def _check_sampler_lists(cfg: DictConfig) -> None:
+    """`samplers` (evaluate): entries like {name: ddim, steps: 20}, each a conf/sampler option with valid values;
+    `also` (sampler_lab): sampler option names."""
+    from . import options
+
+    known = options("sampler")
+    entries = OmegaConf.select(cfg, "samplers", default=None)
+    if entries is not None:
+        if not OmegaConf.is_list(entries) or len(entries) == 0:
+            raise ConfigError(f"samplers={_shown(entries)} must be a non-empty list like [{{name: ddim, steps: 20}}]")
+        for i, entry in enumerate(entries):
+            if not OmegaConf.is_dict(entry) or not isinstance(entry.get("name"), str):
+                raise ConfigError(f"samplers[{i}]={_shown(entry)} must be a sampler setting like "
+                                  f"{{name: {entry if isinstance(entry, str) else 'ddim'}, steps: 20}}")
+            if entry.name not in known:
+                raise ConfigError(f"samplers[{i}].name='{entry.name}': unknown sampler; known: {', '.join(known)}")
+            rules = [(k[len("sampler."):], *r) for k, *r in RULES if k.startswith("sampler.")]
+            _check_rules(entry, [*rules, *choice_rules(entry, "sampler.")], shown=f"samplers[{i}].")
+    also = OmegaConf.select(cfg, "also", default=None)
+    for i, name in enumerate(also if OmegaConf.is_list(also) else []):
+        if name not in known:
+            raise ConfigError(f"also[{i}]={name!r}: unknown sampler; known: {', '.join(known)}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError (one line) for a missing required value, or one of the wrong type or range; lists
+    entry by entry."""
+    check_required(cfg)
+    _check_rules(cfg, (*RULES, *choice_rules(cfg)))
+    _check_lists(cfg)
+    _check_sampler_lists(cfg)
     resume = OmegaConf.select(cfg, "train.resume", default=None)
     if resume not in (None, "auto") and not run_dir.checkpoint_file(Path(str(resume))).is_file():
         raise ConfigError(f"train.resume={resume!r} must be auto, an existing checkpoint file or a run dir with one")

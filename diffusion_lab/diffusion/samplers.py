@@ -141,6 +141,9 @@ def _ddim_step(p: _Points, t: int, t_next: int, x0_pred, eps_pred, eta: float, g
     return x + s * _noise(x, generator) if s > 0 else x
 
 
+DDPM_VARIANCES = ("fixed_small", "fixed_large")  # sampler.variance
+
+
 @SAMPLERS.register("ddpm")
 @torch.inference_mode()
 def ddpm(model, schedule, objective, x_T, *, steps=None, variance="fixed_small", clip_x0=True, clamp_final=True,
@@ -153,8 +156,8 @@ def ddpm(model, schedule, objective, x_T, *, steps=None, variance="fixed_small",
     T = schedule.num_timesteps
     if steps is not None and steps != T:
         raise ValueError(f"ddpm runs all T = {T} steps; got steps={steps} (use ddim or dpm_solver for fewer)")
-    if variance not in ("fixed_small", "fixed_large"):
-        raise ValueError(f"unknown ddpm variance '{variance}'; known: fixed_small, fixed_large")
+    if variance not in DDPM_VARIANCES:
+        raise ValueError(f"unknown ddpm variance '{variance}'; known: {', '.join(DDPM_VARIANCES)}")
     coef1, coef2 = _float64(schedule.posterior_mean_coef1), _float64(schedule.posterior_mean_coef2)
     var = _float64(schedule.posterior_variance if variance == "fixed_small" else schedule.betas)
     x_t = x_T
@@ -370,17 +373,29 @@ def build_sampler(name: str, **params: Any) -> Callable[..., torch.Tensor]:
     return guidance.GuidedSampler(functools.partial(fn, **params), settings)
 
 
-def num_evaluations(name: str, params: Dict[str, Any], T: int) -> int:
-    """Model evaluations (NFE) of one sampling run: T for ddpm; else from ``steps`` (or an explicit grid list)."""
+def num_steps(name: str, params: Dict[str, Any], T: int) -> int:
+    """Steps of one sampling run: T for ddpm; else ``steps`` (or the intervals of an explicit grid list)."""
     fn = SAMPLERS.get(name)
     options = _check_params(name, fn, params)
     if name == "ddpm":
         return T
-    steps = params.get("steps", options["steps"].default)
     grid = params.get("grid", options["grid"].default)
     if grids.is_list(grid):
-        steps = len(grid) - int(name in _TO_ZERO and len(grid) > 1 and int(grid[-1]) == 0)
-    return _EVALUATIONS.get(name, lambda s: s)(int(steps))
+        return len(grid) - int(name in _TO_ZERO and len(grid) > 1 and int(grid[-1]) == 0)
+    return int(params.get("steps", options["steps"].default))
+
+
+def num_evaluations(name: str, params: Dict[str, Any], T: int) -> int:
+    """Model evaluations (NFE) of one sampling run: T for ddpm; else from its steps (`num_steps`)."""
+    steps = num_steps(name, params, T)
+    return T if name == "ddpm" else _EVALUATIONS.get(name, lambda s: s)(steps)
+
+
+def setting_label(name: str, params: Dict[str, Any], T: int) -> str:
+    """What a sampling run was: `heun, 10 steps, 19 NFE` (and `, w 2` when guided)."""
+    w = params.get("guidance_scale")
+    return (f"{name}, {num_steps(name, params, T)} steps, {num_evaluations(name, params, T)} NFE"
+            + (f", w {w:g}" if w is not None else ""))
 
 
 def steps_for(name: str, nfe: int) -> int:

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .. import console
 from ..errors import fail
 from ..files import first_line, write_text
 from .plots import plot_curves, smooth
@@ -322,27 +323,29 @@ def compare(paths: Sequence[Path], out: Optional[Path] = None, metric: str = "be
     """Print the skipped dirs, then per group of comparable runs the settings table, the noise statements and
     the per-run table, and the FID label; write plots and csv into `out` (default: the first path)."""
     found = scan(paths)
+    out = Path(out or paths[0])
+    if found.runs:
+        out.mkdir(parents=True, exist_ok=True)
+        console.log_to(out, "compare")  # compare.log: every line printed here
     for line in found_lines(found):
-        print(line)
+        console.info(line)
     if not found.runs:
         where = ", ".join(map(str, paths))
         skipped = f" ({len(found.skipped)} skipped, see above)" if found.skipped else ""
         raise FileNotFoundError(f"no training runs (config.yaml + metrics.jsonl) under {where}{skipped}")
     runs, groups = found.runs, comparable(found.runs)
-    out = Path(out or paths[0])
-    out.mkdir(parents=True, exist_ok=True)
     reports = [report(g.runs, metric, pool) for g in groups]
     for group, shown in zip(groups, reports):
-        print(*([f"== {group.title} ({len(group.runs)} runs) ==", shown["text"], ""] if len(groups) > 1
-                else [shown["text"], *fid_labels(runs)]), sep="\n")
+        console.say("\n".join([f"== {group.title} ({len(group.runs)} runs) ==", shown["text"], ""] if len(groups) > 1
+                               else [shown["text"], *fid_labels(runs)]))
     if len(groups) > 1:
-        print(f"{len(groups)} groups whose FIDs or data differ: runs of different groups are not compared")
+        console.info(f"{len(groups)} groups whose FIDs or data differ: runs of different groups are not compared")
     keys = differing_keys(runs)
     plots = plot(runs, groups, keys, out)
     if len(plots) == 1:
-        print("no run has FID values: compare_fid.png skipped")
+        console.info("no run has FID values: compare_fid.png skipped")
     csv_path = write_csv(groups, keys, metric, out / "compare.csv")
-    print(f"wrote {', '.join(p.name for p in [*plots, csv_path])} to {out}")
+    console.info(f"wrote {', '.join(p.name for p in [*plots, csv_path])} to {out}")
     return {"table": "\n\n".join(r["table"] for r in reports),
             "settings_table": "\n\n".join(r["settings_table"] for r in reports),
             "statements": [line for r in reports for line in r["statements"]],

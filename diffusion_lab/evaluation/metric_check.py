@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import console
 from ..data.datasets import digits
 from .features import digits_classifier
 from .fid import FIDEvaluator
@@ -97,16 +98,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             "no extractor given" if not chosen else f"--n={args.n} must be in [2, 1438] (the digits train split)"
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
+    console.log_to(args.out, "metric_check")  # metric_check.log: every line printed here
     rows = metric_table(args.n, chosen)
     text = markdown(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "metric_check.md").write_text(text + "\n")
     with open(args.out / "metric_check.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[c for c in rows[0] if c != "reference"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    print(text)
-    print(f"wrote {args.out / 'metric_check.md'} and metric_check.csv")
+    console.say(text)
+    console.info(f"wrote {args.out / 'metric_check.md'} and {args.out / 'metric_check.csv'}")
 
 
 if __name__ == "__main__":

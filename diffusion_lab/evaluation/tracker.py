@@ -14,6 +14,7 @@ from .fid import FIDEvaluator, FIDResult
 from .moments import SampleStats
 
 log = logging.getLogger(__name__)
+REFERENCES = ("test", "train")  # eval.reference: the split of the run's data that FID compares with
 
 
 def build_evaluator(eval_cfg, datasets: Callable[[str], torch.utils.data.Dataset], device, num_samples: int,

@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 from omegaconf import OmegaConf
 
-from .. import files
+from .. import console, files
 from ..registry import LOGGERS
 
 
@@ -55,6 +55,9 @@ def has_wandb_credentials() -> bool:
         return False
 
 
+WANDB_MODES = ("auto", "online", "offline", "disabled")  # logger.mode
+
+
 def wandb_mode(mode: str) -> str:
     """WANDB_MODE wins; `auto` means online with credentials, offline without."""
     if os.environ.get("WANDB_MODE"):
@@ -84,12 +87,12 @@ class WandbLogger(LocalLogger):
         try:
             self.run = wandb.init(mode=self.mode, **kwargs)
         except Exception as error:  # an unreachable server must not cost the run
-            print(f"W&B: could not start an online run ({type(error).__name__}); logging offline instead")
+            console.info(f"W&B: could not start an online run ({type(error).__name__}); logging offline instead")
             self.mode = "offline"
             self.run = wandb.init(mode=self.mode, **kwargs)
         self.run_id = self.run.id
         if self.mode == "offline":
-            print(f"W&B: logging offline (no credentials or WANDB_MODE=offline); upload later with: "
+            console.info(f"W&B: logging offline (no credentials or WANDB_MODE=offline); upload later with: "
                   f"wandb sync {self.run.dir.rsplit('/files', 1)[0]}")
 
     def log(self, metrics: Dict[str, Any], step: int) -> None:

@@ -17,6 +17,8 @@ import signal
 import sys
 from typing import Dict, Iterator, NoReturn, Optional
 
+from .. import console
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -66,9 +68,10 @@ class Preemption:
                 print("\nSIGINT again: aborting once the checkpoint being written is complete", file=sys.stderr)
             return  # already stopping: a scheduler's repeated warning changes nothing
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name} received: stopping after this step (or FID batch) and writing a "
-              "checkpoint" + (" (Ctrl-C again to abort without one)" if signum == signal.SIGINT else ""),
-              file=sys.stderr)
+        line = (f"{signal.Signals(signum).name} received: stopping after this step (or FID batch) and writing a "
+                "checkpoint" + (" (Ctrl-C again to abort without one)" if signum == signal.SIGINT else ""))
+        print(f"\n{line}", file=sys.stderr)
+        console.record(line)
 
     @contextlib.contextmanager
     def shielded(self, what: str) -> Iterator[None]:

@@ -1,13 +1,11 @@
 """What a run tells its reader: a progress bar on a terminal, a plain line every `train.log_every` steps
 elsewhere (SLURM, submitit, `> log`), and everything, in full, in the run dir's `train.log`.
 
-All messages go through the `diffusion_lab` logger. The console shows a long message (the Inception
-weights warning runs to 400 characters) as its first sentence and points to `train.log` for the rest.
+All messages go through the `diffusion_lab` logger (`console`): a long message (the Inception weights warning
+runs to 400 characters) loses its explaining sentences on the console, never a path or a command.
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 import sys
 import time
 from datetime import timedelta
@@ -16,72 +14,16 @@ from typing import Optional
 
 from tqdm.auto import tqdm
 
-from .. import files
+from .. import console
 
-log = logging.getLogger("diffusion_lab")
-FILE_ONLY = {"file_only": True}  # `extra=` for a record that only train.log gets (the bar shows it already)
-CONSOLE_WIDTH = 160  # longer console messages are cut to their first sentence
-
-
-def shorten(message: str, log_file: Path, width: int = CONSOLE_WIDTH) -> str:
-    """One console line: the message itself if short, else its first sentence and where the rest is."""
-    if len(message) <= width and "\n" not in message:
-        return message
-    first = message.splitlines()[0].split(". ", 1)[0].rstrip(".")
-    if len(first) > width:
-        first = first[:width - 3] + "..."
-    return f"{first} (details in {log_file})"
-
-
-class _OneLineErrors:
-    """A handler whose failed write (a full disk, a closed stdout) is one warning line on stderr, once, instead
-    of logging's "--- Logging error ---" traceback for every record."""
-
-    failed = False
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        if self.failed:
-            return
-        self.failed = True
-        where = getattr(self, "baseFilename", "the console")
-        with contextlib.suppress(Exception):
-            print(f"warning: cannot write {where}: {files.first_line(sys.exc_info()[1] or OSError())}; its later "
-                  f"log lines are lost", file=sys.stderr)
-
-
-class _LogFile(_OneLineErrors, logging.FileHandler):
-    """train.log."""
-
-
-class _Console(_OneLineErrors, logging.Handler):
-    """stdout through tqdm.write, so a line never tears the progress bar."""
-
-    def __init__(self, log_file: Path):
-        super().__init__(logging.INFO)
-        self.log_file = log_file
-        self.addFilter(lambda record: not getattr(record, "file_only", False))
-
-    def emit(self, record: logging.LogRecord) -> None:
-        text = shorten(record.getMessage(), self.log_file)
-        tqdm.write(text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}",
-                   file=sys.stdout)
+log = console.log
+FILE_ONLY = console.FILE_ONLY
+shorten = console.shorten
 
 
 def log_to(run_dir: Path) -> Path:
-    """Send the `diffusion_lab` logger to `run_dir/train.log` (full records) and the console (short lines),
-    replacing the handlers of an earlier run in this process. Returns the log file."""
-    for handler in [h for h in log.handlers if getattr(h, "diffusion_lab", False)]:
-        log.removeHandler(handler)
-        handler.close()
-    log_file = Path(run_dir) / "train.log"
-    file = _LogFile(log_file)
-    file.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-    for handler in (file, _Console(log_file)):
-        handler.diffusion_lab = True
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False  # Hydra's root handlers would print every line twice
-    return log_file
+    """Send the `diffusion_lab` logger to `run_dir/train.log` (full records) and the console (short lines)."""
+    return console.log_to(run_dir, "train")
 
 
 def eta(seconds: float) -> str:

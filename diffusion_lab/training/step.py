@@ -40,6 +40,10 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, decay: Callable[[f
     return decay((step - warmup_steps) / max(1, total_steps - warmup_steps))
 
 
+OPTIMIZERS = ("adam", "adamw")  # train.optimizer
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # train.precision
+
+
 def build_optimizer(
     params: Iterable[torch.nn.Parameter],
     name: str = "adamw",
@@ -50,8 +54,8 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """Adam or AdamW, with the fused kernel on CPU and CUDA (one kernel for all parameters)."""
     classes = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-    if name not in classes:
-        raise ValueError(f"unknown optimizer '{name}'; known: {', '.join(sorted(classes))}")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer '{name}'; known: {', '.join(OPTIMIZERS)}")
     fused = device is not None and torch.device(device).type in ("cpu", "cuda")
     return classes[name](params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=fused or None)
 
