@@ -34,7 +34,7 @@ from .training.ema import EMA
 from .training.loggers import sweep_group, swept_keys
 from .training.loop import Diverged, Loop, Run, finish, new_state, restore, start
 from .training.outputs import Outputs
-from .training.step import TrainStep, build_optimizer, micro_batch_size
+from .training.step import TrainStep, build_optimizer, clipped_warmup, micro_batch_size
 
 log = progress.log
 
@@ -98,7 +98,8 @@ def build(cfg: DictConfig, ranks: Ranks, device: torch.device) -> Run:
         model.to(memory_format=torch.channels_last)
     ema = EMA(model, decay=t.ema_decay, warmup=t.ema_warmup)
     optimizer = build_optimizer(model.parameters(), t.optimizer, t.lr, t.betas, t.weight_decay, device)
-    step_fn = TrainStep(model, optimizer, device, t.precision, t.grad_clip, t.warmup_steps, ema,
+    warmup = clipped_warmup(t.warmup_steps, t.steps)
+    step_fn = TrainStep(model, optimizer, device, t.precision, t.grad_clip, warmup, ema,
                        lr_schedule=t.lr_schedule, total_steps=t.steps, grad_accum_steps=t.grad_accum_steps)
     net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if ranks.active else model
     fid = FIDTracker(cfg.eval, lambda split: dataset if split == "train" else build_dataset(cfg, split), device,

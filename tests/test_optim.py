@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from diffusion_lab.training.step import LR_SCHEDULES, TrainStep, build_optimizer
+from diffusion_lab.training.step import LR_SCHEDULES, TrainStep, build_optimizer, clipped_warmup, lr_factor
 
 PEAK, WARMUP, TOTAL = 0.1, 4, 14
 
@@ -43,6 +43,14 @@ def test_lr_follows_warmup_then_the_closed_form_decay(name):
     assert used[WARMUP - 1] == pytest.approx(PEAK)  # warm-up ends at the peak
     if name != "constant":
         assert used[-1] < 0.2 * PEAK  # and the decay reaches near zero by the last step
+
+
+def test_a_short_run_warms_up_over_a_fifth_of_its_steps():
+    assert clipped_warmup(100, 750) == 100  # the default run keeps its 100 steps
+    warmup = clipped_warmup(100, 100)  # train.steps=100 would otherwise peak at its last step
+    assert warmup == 20
+    factors = [lr_factor(k, warmup, 100, LR_SCHEDULES.get("cosine")) for k in range(100)]
+    assert max(factors) == factors[warmup - 1] == 1.0 and factors[-1] < 0.01
 
 
 def test_the_schedule_resumes_where_it_stopped():

@@ -32,7 +32,7 @@ from .ema import EMA
 from .loggers import sweep_tags
 from .outputs import Outputs, run_name
 from .run_state import RunState
-from .step import TrainStep
+from .step import TrainStep, warmup_note
 
 log = progress.log
 
@@ -261,14 +261,21 @@ def final_pictures(run: Run, run_dir: Path, name: str) -> Dict[str, Path]:
     return pictures
 
 
+def final_losses(history: Sequence[Tuple[int, float]], window: int = 4) -> Dict[str, Optional[float]]:
+    """final_loss: the loss logged at the last log point (what the console's last line shows);
+    final_loss_smoothed: the mean of the last `window` log points (less noisy, but not the last step's)."""
+    last = [loss for _, loss in history[-window:]]
+    return {"final_loss": last[-1] if last else None,
+            "final_loss_smoothed": sum(last) / len(last) if last else None}
+
+
 def summarize(run: Run, state: RunState, loop: Loop, out: Outputs, identity: Dict[str, Any]) -> Dict[str, Any]:
     """summary.json's content: the run, its size, loss, throughput, FID and where its files are."""
-    losses = [loss for _, loss in state.loss_history[-4:]]
     return {
         **identity, "run_dir": str(out.run_dir), "device": str(run.device), "world_size": run.ranks.world_size,
         "num_parameters": state.info["num_parameters"], "dataset": run.cfg.data.name,
         "dataset_size": len(run.dataset), "steps": state.step,
-        "final_loss": sum(losses) / len(losses) if losses else None, "wall_time_s": state.elapsed_s,
+        **final_losses(state.loss_history), "wall_time_s": state.elapsed_s,
         "train_images_per_s": loop.images_per_s, "last_grid": str(loop.grid_path) if loop.grid_path else None,
         "checkpoint": str(out.run_dir / "checkpoints" / "last.pt"), **run.fid.summary(),
         "wandb": out.logger_info(), "interrupted": loop.stopped,
@@ -310,7 +317,7 @@ def start(cfg: DictConfig, run: Run, state: RunState, out: Outputs, group: Optio
     c, h, w = run.parts.image_shape
     log.info(f"diffusion_lab | device {run.device} | world size {run.ranks.world_size} | model {cfg.model.name} "
              f"{state.info['num_parameters'] / 1e6:.2f}M params | data {cfg.data.name} {len(run.dataset)} images "
-             f"{c}x{h}x{w} | run dir {out.run_dir}")
+             f"{c}x{h}x{w} | {warmup_note(cfg.train.warmup_steps, cfg.train.steps)} | run dir {out.run_dir}")
     return {"name": name, "group": group, "overrides": list(overrides)}
 
 

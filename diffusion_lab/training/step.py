@@ -40,6 +40,24 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, decay: Callable[[f
     return decay((step - warmup_steps) / max(1, total_steps - warmup_steps))
 
 
+MAX_WARMUP_FRACTION = 0.2  # a short run warms up over at most this fraction of its steps
+
+
+def clipped_warmup(warmup_steps: int, total_steps: int) -> int:
+    """The warm-up a run of `total_steps` gets: train.warmup_steps, but at most MAX_WARMUP_FRACTION of the run,
+    so the peak learning rate is reached early also in a short run (train.steps=100 with the default 100)."""
+    return min(int(warmup_steps), int(MAX_WARMUP_FRACTION * int(total_steps)))
+
+
+def warmup_note(warmup_steps: int, total_steps: int) -> str:
+    """The start line's words on the warm-up, saying when train.warmup_steps was clipped."""
+    used = clipped_warmup(warmup_steps, total_steps)
+    if used == warmup_steps:
+        return f"lr warm-up {used} steps"
+    return (f"lr warm-up {used} steps (train.warmup_steps={warmup_steps} clipped to "
+            f"{MAX_WARMUP_FRACTION:.0%} of train.steps={total_steps})")
+
+
 def build_optimizer(
     params: Iterable[torch.nn.Parameter],
     name: str = "adamw",
