@@ -45,14 +45,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def auto_resume_line(runs: Sequence[Path]) -> str:
+    """What train.resume=auto tells the user: which run it continues, and how many others matched."""
+    if not runs:
+        return "resume=auto: no matching run found; starting fresh"
+    others = (f" (the newest of {len(runs)} matching runs, single runs before sweep jobs; pick another with "
+              f"train.resume=DIR, e.g. {runs[1].parent.parent})" if len(runs) > 1 else "")
+    return f"resume=auto: continuing {runs[0]}{others}"
+
+
 def resume_path(cfg: DictConfig, outputs_root: Path) -> Optional[Path]:
     resume = cfg.train.resume
     if resume is None:
         return None
     if resume == "auto":
-        found = checkpoint.find_resumable(cfg, [outputs_root])
-        print(f"resume=auto: {'continuing ' + str(found) if found else 'no matching run found; starting fresh'}")
-        return found
+        runs = checkpoint.resumable_runs(cfg, [outputs_root])
+        print(auto_resume_line(runs))
+        return runs[0] if runs else None
     return run_dirs.checkpoint_file(Path(str(resume)))
 
 
