@@ -15,6 +15,10 @@ It writes ``sampler_lab.csv`` and ``sampler_lab.png`` (errors against NFE, one l
 """
 from __future__ import annotations
 
+from .config.early import answer_early
+
+answer_early("sampler_lab", "sampler_lab")  # --help and shell completion answer here, before torch is imported
+
 import csv
 import math
 import sys

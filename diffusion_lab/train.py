@@ -6,6 +6,10 @@ every rank runs this, `Outputs` writes on rank 0 only.
 """
 from __future__ import annotations
 
+from .config.early import answer_early
+
+answer_early("config", "train")  # --help and shell completion answer here, before torch is imported
+
 import contextlib
 import random
 import sys

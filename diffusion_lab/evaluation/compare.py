@@ -8,7 +8,6 @@ compare_loss.png, compare_fid.png (with the noise floor) and compare.csv (one ro
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -22,6 +21,7 @@ import numpy as np
 import yaml
 from omegaconf import OmegaConf
 
+from ..config.early import CommandParser
 from .plots import plot_curves, read_metrics, smooth
 
 IGNORED = ("logger", "train.resume", "run_name", "device")  # keys (and key prefixes) that never tell runs apart
@@ -401,7 +401,11 @@ def compare(paths: Sequence[Path], out: Optional[Path] = None, metric: str = "be
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m diffusion_lab.compare", description=__doc__.splitlines()[0])
+    parser = CommandParser("python -m diffusion_lab.compare", "tables and two plots for a set of runs (settings with "
+                           "mean +- s.e. over seeds, a per-run table, compare_loss.png, compare_fid.png, compare.csv).",
+                           ["SWEEP_DIR [MORE_DIRS...]  (sweep dirs, run dirs, or any dir above them)",
+                            "--metric final_loss  (sort and test by another metric than best_fid)",
+                            "--pool model.dropout  (pool over a key like over seeds)"])
     parser.add_argument("paths", nargs="+", type=Path, help="sweep dirs, run dirs, or any dir above them")
     parser.add_argument("--out", type=Path, help="where the plots and compare.csv go (default: the first path)")
     parser.add_argument("--metric", choices=METRICS, default="best_fid",
