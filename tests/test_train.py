@@ -35,6 +35,7 @@ def test_run_leaves_every_artefact(tiny_run):
         assert all(r[key] > 0 for r in train_rows), key
     assert summary["steps"] == 6 and summary["wandb"]["mode"] == "offline"
     assert json.loads((run_dir / "summary.json").read_text())["final_loss"] == pytest.approx(summary["final_loss"])
+    assert summary["fid_history_n"] == [64, 64]  # the sample size of each FID, so fid.png draws one curve per n
     assert summary["final_loss"] == train_rows[-1]["loss"]  # the last logged loss, not a mean of the last few
     assert summary["final_loss_smoothed"] == pytest.approx(sum(r["loss"] for r in train_rows) / 3)
     # train.warmup_steps=2 of train.steps=6 is clipped to 20% of the run, and the start line says so

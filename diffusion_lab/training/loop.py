@@ -22,7 +22,8 @@ from ..diffusion.objectives import Objective
 from ..diffusion.samplers import Trajectory, num_evaluations
 from ..diffusion.schedules import NoiseSchedule
 from ..errors import error_line
-from ..evaluation.plots import denoising_trajectory, forward_diffusion, plot_curves, plot_loss
+from ..evaluation.plots import (curves_per_size, denoising_trajectory, fid_title, forward_diffusion, plot_curves,
+                                plot_loss)
 from ..evaluation.tracker import FIDTracker
 from ..models import count_parameters
 from ..registry import SCHEDULES
@@ -256,8 +257,8 @@ def final_pictures(run: Run, run_dir: Path, name: str) -> Dict[str, Path]:
                                  run_dir)}
     fid = run.fid
     if fid.history:
-        pictures["fid"] = plot_curves({name: [{"step": s, "fid": v} for s, v in fid.history]}, "fid",
-                                      run_dir / "fid.png", fid.label or "FID", floors=fid.floors())
+        pictures["fid"] = plot_curves(curves_per_size(fid.history, fid.sizes, name), "fid", run_dir / "fid.png",
+                                      fid_title(fid.label, fid.sizes), floors=fid.floors())
     return pictures
 
 
