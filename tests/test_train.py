@@ -39,7 +39,8 @@ def test_run_leaves_every_artefact(tiny_run):
     assert summary["final_loss"] == train_rows[-1]["loss"]  # the last logged loss, not a mean of the last few
     assert summary["final_loss_smoothed"] == pytest.approx(sum(r["loss"] for r in train_rows) / 3)
     # train.warmup_steps=2 of train.steps=6 is clipped to 20% of the run, and the start line says so
-    assert "lr warm-up 1 steps (train.warmup_steps=2 clipped to 20% of train.steps=6)" in (run_dir / "train.log").read_text()
+    assert "lr: warm-up 1 steps (train.warmup_steps=2 clipped to 20% of train.steps=6) to 0.002, then cosine to step 6" \
+        in (run_dir / "train.log").read_text()
     assert list((run_dir / "wandb").glob("offline-run-*")), "an offline W&B run is written"
 
 

@@ -307,7 +307,7 @@ def finish(run: Run, state: RunState, loop: Loop, out: Outputs, stop: preemption
 
 def start(cfg: DictConfig, run: Run, state: RunState, out: Outputs, group: Optional[str],
           overrides: Sequence[str], swept: Sequence[str]) -> Dict[str, Any]:
-    """config.yaml, the logger and the start line; returns the run's name, group and overrides."""
+    """config.yaml, the logger and the start lines (the run, its learning rate); returns the run's name, group and overrides."""
     logger_params = OmegaConf.to_container(cfg.logger, resolve=True)
     logger_params.pop("name", None)
     group = logger_params.pop("group", None) or group
@@ -318,7 +318,8 @@ def start(cfg: DictConfig, run: Run, state: RunState, out: Outputs, group: Optio
     c, h, w = run.parts.image_shape
     log.info(f"diffusion_lab | device {run.device} | world size {run.ranks.world_size} | model {cfg.model.name} "
              f"{state.info['num_parameters'] / 1e6:.2f}M params | data {cfg.data.name} {len(run.dataset)} images "
-             f"{c}x{h}x{w} | {warmup_note(cfg.train.warmup_steps, cfg.train.steps)} | run dir {out.run_dir}")
+             f"{c}x{h}x{w} | run dir {out.run_dir}")
+    log.info(warmup_note(cfg.train))
     return {"name": name, "group": group, "overrides": list(overrides)}
 
 

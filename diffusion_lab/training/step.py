@@ -49,13 +49,12 @@ def clipped_warmup(warmup_steps: int, total_steps: int) -> int:
     return min(int(warmup_steps), int(MAX_WARMUP_FRACTION * int(total_steps)))
 
 
-def warmup_note(warmup_steps: int, total_steps: int) -> str:
-    """The start line's words on the warm-up, saying when train.warmup_steps was clipped."""
-    used = clipped_warmup(warmup_steps, total_steps)
-    if used == warmup_steps:
-        return f"lr warm-up {used} steps"
-    return (f"lr warm-up {used} steps (train.warmup_steps={warmup_steps} clipped to "
-            f"{MAX_WARMUP_FRACTION:.0%} of train.steps={total_steps})")
+def warmup_note(t) -> str:
+    """The run's start line on the learning rate (config node `train`), saying when the warm-up was clipped."""
+    used = clipped_warmup(t.warmup_steps, t.steps)
+    clipped = (f" (train.warmup_steps={t.warmup_steps} clipped to {MAX_WARMUP_FRACTION:.0%} of train.steps={t.steps})"
+               if used != t.warmup_steps else "")
+    return f"lr: warm-up {used} steps{clipped} to {t.lr:g}, then {t.lr_schedule} to step {t.steps}"
 
 
 def build_optimizer(
