@@ -84,3 +84,11 @@ def test_cifar_model_brings_cifar10_unless_data_is_given():
     assert compose_config(["model=cifar", "schedule=linear"]).data.name == "cifar10"
     assert compose_config(["model=cifar", "data=digits"]).data.name == "digits"
     assert compose_config([]).data.name == "digits"
+
+
+def test_the_default_run_scores_fid_at_least_twice():
+    """fid.png of `python -m diffusion_lab.train` is a curve: FID every eval.every steps and at the last step."""
+    cfg = compose_config([])
+    steps, every = cfg.train.steps, cfg.eval.every
+    evaluated = [s for s in range(1, steps + 1) if s % every == 0 or s == steps]
+    assert len(evaluated) >= 2 and evaluated[-1] == steps and evaluated[0] <= steps // 2, evaluated
