@@ -34,6 +34,13 @@ def smooth(values: Sequence[float], fraction: float = 0.05) -> List[float]:
     return (sums / counts).tolist()
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Write `fig` to `path` and free it."""
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_curves(runs: Dict[str, List[Dict]], key: str, path: Path, title: str, log_y: bool = False,
                 floors: Optional[Dict[str, float]] = None) -> Path:
     """One line per run of metric `key` against step; each of `floors` ({legend: value}) a dashed horizontal line."""
@@ -55,9 +62,7 @@ def plot_curves(runs: Dict[str, List[Dict]], key: str, path: Path, title: str, l
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def curves_per_size(history: Sequence[tuple], sizes: Sequence[Optional[int]], name: str) -> Dict[str, List[Dict]]:
@@ -92,9 +97,7 @@ def plot_loss(metrics_path: Path, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def _to_image(images) -> np.ndarray:
@@ -119,9 +122,7 @@ def image_rows(rows: Dict[str, "torch.Tensor"], column_titles: Sequence[str], pa
         ax.set_xticklabels(column_titles, fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def forward_diffusion(x0: "torch.Tensor", schedules: Dict[str, object], timesteps: Sequence[int], path: Path,
@@ -183,12 +184,6 @@ def fid_vs_cost_figure(rows: List[Dict], label: str, floor: Optional[tuple] = No
     return fig
 
 
-def save_figure(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
-
-
 def plot_fid_vs_cost(rows: List[Dict], path: Path, label: str, floor: Optional[tuple] = None) -> Path:
     """FID against NFE (log x) and against seconds per image, one line per sampler (and guidance scale w);
     floor: (value, n) drawn dashed."""
@@ -214,6 +209,4 @@ def plot_guidance(rows: List[Dict], path: Path, label: str, floor: Optional[tupl
         ax.legend(fontsize=7)
     fig.suptitle(label, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
