@@ -7,6 +7,10 @@ the classes, with the digits classifier's accuracy on the asked labels (digits o
 """
 from __future__ import annotations
 
+from .config.early import answer_early
+
+answer_early("evaluate", "evaluate")  # --help and shell completion answer here, before torch is imported
+
 import csv
 import io
 import json

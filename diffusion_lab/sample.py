@@ -8,6 +8,10 @@ checkpoint samples `labels=[...]` or `per_class=k` (default: num_samples cycling
 """
 from __future__ import annotations
 
+from .config.early import answer_early
+
+answer_early("sample", "sample")  # --help and shell completion answer here, before torch is imported
+
 import json
 from pathlib import Path
 from typing import Optional, Tuple

@@ -15,6 +15,10 @@ It writes ``sampler_lab.csv`` and ``sampler_lab.png`` (errors against NFE, one l
 """
 from __future__ import annotations
 
+from .config.early import answer_early
+
+answer_early("sampler_lab", "sampler_lab")  # --help and shell completion answer here, before torch is imported
+
 import csv
 import math
 from dataclasses import dataclass
@@ -157,6 +161,11 @@ def lab_rows(cfg: DictConfig) -> List[Dict]:
     return rows
 
 
+PANEL_TITLES = {"mode_weight_error": "mode weight error (total variation)",
+                "spread_error": "spread error (max |spread ratio - 1|)",
+                "sw": "sliced Wasserstein-2 distance"}  # the plot's words for the CSV's columns
+
+
 def plot(rows: List[Dict], path: Path) -> Path:
     """Mode-weight error, spread error and SW (with its floor) against NFE, one line per sampler."""
     import matplotlib
@@ -172,7 +181,7 @@ def plot(rows: List[Dict], path: Path) -> Path:
             mine = [r for r in rows if r["sampler"] == name]
             ax.plot([r["nfe"] for r in mine], [r[key] for r in mine], marker="o", label=f"{name} ({mine[0]['grid']})")
         ax.axhline(rows[0][floor], color="gray", ls="--", label="noise floor (true samples)")
-        ax.set(xscale="log", yscale="log", xlabel="NFE", title=key)
+        ax.set(xscale="log", yscale="log", xlabel="model evaluations (NFE)", title=PANEL_TITLES[key])
         ax.set_xticks(sorted({r["nfe"] for r in rows}))
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())

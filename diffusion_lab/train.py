@@ -6,6 +6,10 @@ every rank runs this, `Outputs` writes on rank 0 only.
 """
 from __future__ import annotations
 
+from .config.early import answer_early
+
+answer_early("config", "train")  # --help and shell completion answer here, before torch is imported
+
 import contextlib
 import random
 import signal
@@ -36,7 +40,7 @@ from .training.ema import EMA
 from .training.loggers import sweep_group, swept_keys
 from .training.loop import Diverged, Loop, Run, finish, new_state, restore, start
 from .training.outputs import Outputs
-from .training.step import TrainStep, build_optimizer, micro_batch_size
+from .training.step import TrainStep, build_optimizer, clipped_warmup, micro_batch_size
 
 log = progress.log
 
@@ -47,14 +51,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def auto_resume_line(runs: Sequence[Path]) -> str:
+    """What train.resume=auto tells the user: which run it continues, and how many others matched."""
+    if not runs:
+        return "resume=auto: no matching run found; starting fresh"
+    others = (f" (the newest of {len(runs)} matching runs, single runs before sweep jobs; pick another with "
+              f"train.resume=DIR, e.g. {runs[1].parent.parent})" if len(runs) > 1 else "")
+    return f"resume=auto: continuing {runs[0]}{others}"
+
+
 def resume_path(cfg: DictConfig, outputs_root: Path) -> Optional[Path]:
     resume = cfg.train.resume
     if resume is None:
         return None
     if resume == "auto":
-        found = checkpoint.find_resumable(cfg, [outputs_root])
-        console.info(f"resume=auto: {'continuing ' + str(found) if found else 'no matching run found; starting fresh'}")
-        return found
+        runs = checkpoint.resumable_runs(cfg, [outputs_root])
+        console.info(auto_resume_line(runs))
+        return runs[0] if runs else None
     return run_dirs.checkpoint_file(Path(str(resume)))
 
 
@@ -100,7 +113,8 @@ def build(cfg: DictConfig, ranks: Ranks, device: torch.device) -> Run:
         model.to(memory_format=torch.channels_last)
     ema = EMA(model, decay=t.ema_decay, warmup=t.ema_warmup)
     optimizer = build_optimizer(model.parameters(), t.optimizer, t.lr, t.betas, t.weight_decay, device)
-    step_fn = TrainStep(model, optimizer, device, t.precision, t.grad_clip, t.warmup_steps, ema,
+    warmup = clipped_warmup(t.warmup_steps, t.steps)
+    step_fn = TrainStep(model, optimizer, device, t.precision, t.grad_clip, warmup, ema,
                        lr_schedule=t.lr_schedule, total_steps=t.steps, grad_accum_steps=t.grad_accum_steps)
     net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if ranks.active else model
     fid = FIDTracker(cfg.eval, lambda split: dataset if split == "train" else build_dataset(cfg, split), device,

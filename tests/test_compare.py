@@ -93,8 +93,8 @@ def test_run_without_summary_is_listed_and_marked(sweep, capsys):
     result = cmp.compare([sweep])
     lines = data_lines(result["table"])
     assert len(lines) == 3 and "note" in result["table"].splitlines()[0]
-    crashed = lines[0].split()  # mean of the last 4 logged losses = 0.1, the lowest
-    assert crashed[:9] == ["2", "0.1", "linear", "0.1000", "15", "15", "-", "10", "-"]
+    crashed = lines[0].split()  # the last logged loss, as train.py's final_loss
+    assert crashed[:9] == ["2", "0.1", "linear", "0.0400", "15", "15", "-", "10", "-"]
     assert lines[0].endswith("no summary.json") and not lines[1].endswith("summary.json")
     assert (sweep / "compare_loss.png").stat().st_size > 0 and (sweep / "compare.csv").is_file()
     assert sorted(len(g.runs) for g in result["settings"]) == [1, 1]  # the unfinished run is not averaged in

@@ -121,3 +121,11 @@ def test_a_misspelt_key_is_answered_with_the_close_one_first(capsys, override, c
     err = capsys.readouterr().err
     assert info.value.code == 2 and err == f"error: unknown key {override.split('=')[0]}; did you mean {close}?\n"
     assert "+" not in err, "never Hydra's advice to add the misspelt key"
+
+
+def test_the_default_run_scores_fid_at_least_twice():
+    """fid.png of `python -m diffusion_lab.train` is a curve: FID every eval.every steps and at the last step."""
+    cfg = compose_config([])
+    steps, every = cfg.train.steps, cfg.eval.every
+    evaluated = [s for s in range(1, steps + 1) if s % every == 0 or s == steps]
+    assert len(evaluated) >= 2 and evaluated[-1] == steps and evaluated[0] <= steps // 2, evaluated

@@ -1,10 +1,13 @@
 """The learning-rate schedule TrainStep applies, checked step by step against its closed form."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from diffusion_lab.training.step import LR_SCHEDULES, TrainStep, build_optimizer
+from diffusion_lab.training.progress import shorten
+from diffusion_lab.training.step import LR_SCHEDULES, TrainStep, build_optimizer, clipped_warmup, lr_factor, warmup_note
 
 PEAK, WARMUP, TOTAL = 0.1, 4, 14
 
@@ -43,6 +46,18 @@ def test_lr_follows_warmup_then_the_closed_form_decay(name):
     assert used[WARMUP - 1] == pytest.approx(PEAK)  # warm-up ends at the peak
     if name != "constant":
         assert used[-1] < 0.2 * PEAK  # and the decay reaches near zero by the last step
+
+
+def test_a_short_run_warms_up_over_a_fifth_of_its_steps():
+    assert clipped_warmup(100, 750) == 100  # the default run keeps its 100 steps
+    warmup = clipped_warmup(100, 100)  # train.steps=100 would otherwise peak at its last step
+    assert warmup == 20
+    factors = [lr_factor(k, warmup, 100, LR_SCHEDULES.get("cosine")) for k in range(100)]
+    assert max(factors) == factors[warmup - 1] == 1.0 and factors[-1] < 0.01
+    short = OmegaConf.create({"warmup_steps": 100, "steps": 100, "lr": 2e-3, "lr_schedule": "cosine"})
+    assert warmup_note(short) == ("lr: warm-up 20 steps (train.warmup_steps=100 clipped to 20% of train.steps=100) "
+                                  "to 0.002, then cosine to step 100")
+    assert shorten(warmup_note(short), Path("train.log")) == warmup_note(short)  # the console shows it whole
 
 
 def test_the_schedule_resumes_where_it_stopped():

@@ -109,3 +109,18 @@ def test_lab_sweeps_like_training(tmp_path):
     assert len(found) == 2 and all("grid=trailing" in name for name in found)
     for path in sweep.glob("*/sampler_lab.csv"):
         assert next(csv.DictReader(open(path)))["grid"] == "trailing"
+
+
+def test_plot_panels_are_titled_in_words(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from diffusion_lab.sampler_lab import PANEL_TITLES, plot
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure plot() would free
+    rows = [{"sampler": "ddim", "grid": "uniform", "nfe": nfe, "mode_weight_error": 0.1 / nfe, "spread_error": 0.2 / nfe,
+             "sw": 0.3 / nfe, "mode_weight_floor": 0.01, "spread_floor": 0.02, "sw_floor": 0.03, "schedule": "linear",
+             "n": 300} for nfe in (5, 10)]
+    plot(rows, tmp_path / "lab.png")
+    titles = [ax.get_title() for ax in figures[0].axes]
+    assert titles == list(PANEL_TITLES.values()) and "sliced Wasserstein-2 distance" in titles and "sw" not in titles

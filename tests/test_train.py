@@ -35,6 +35,12 @@ def test_run_leaves_every_artefact(tiny_run):
         assert all(r[key] > 0 for r in train_rows), key
     assert summary["steps"] == 6 and summary["wandb"]["mode"] == "offline"
     assert json.loads((run_dir / "summary.json").read_text())["final_loss"] == pytest.approx(summary["final_loss"])
+    assert summary["fid_history_n"] == [64, 64]  # the sample size of each FID, so fid.png draws one curve per n
+    assert summary["final_loss"] == train_rows[-1]["loss"]  # the last logged loss, not a mean of the last few
+    assert summary["final_loss_smoothed"] == pytest.approx(sum(r["loss"] for r in train_rows) / 3)
+    # train.warmup_steps=2 of train.steps=6 is clipped to 20% of the run, and the start line says so
+    assert "lr: warm-up 1 steps (train.warmup_steps=2 clipped to 20% of train.steps=6) to 0.002, then cosine to step 6" \
+        in (run_dir / "train.log").read_text()
     assert list((run_dir / "wandb").glob("offline-run-*")), "an offline W&B run is written"
 
 
@@ -150,6 +156,37 @@ def test_resume_auto_finds_matching_run(tmp_path):
     assert summary["steps"] == 4 and [s for s, _ in state["loss_history"]] == [2, 3, 4]
     other = compose_config(base + ["schedule=linear", "train.resume=auto"])
     assert checkpoint.find_resumable(other, [tmp_path / "outputs"]) is None, "a different schedule is not resumed"
+
+
+def _planted_run(run_dir, config, mtime):
+    """A run dir with config.yaml and a checkpoints/last.pt written at `mtime` (resumable_runs reads no weights)."""
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(config)
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"")
+    os.utime(run_dir / "checkpoints" / "last.pt", (mtime, mtime))
+    return run_dir / "checkpoints" / "last.pt"
+
+
+def test_resume_auto_prefers_the_newest_single_run_and_skips_a_corrupt_config(tmp_path, caplog):
+    from omegaconf import OmegaConf
+
+    from diffusion_lab.train import auto_resume_line
+
+    cfg = compose_config(TINY + ["logger=none"])
+    config = OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True))
+    out = tmp_path / "outputs"
+    old_single = _planted_run(out / "2026-01-01" / "10-00-00-aaaa", config, 1000)
+    new_single = _planted_run(out / "2026-01-02" / "10-00-00-bbbb", config, 2000)
+    sweep = out / "multirun" / "2026-01-03" / "10-00-00-cccc"
+    newest_job = _planted_run(sweep / "0-schedule_cosine", config, 3000)  # newer, but a sweep job
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    corrupt = _planted_run(out / "2026-01-04" / "10-00-00-dddd", "model: [unclosed\n", 4000)
+    with caplog.at_level("WARNING", logger="diffusion_lab"):
+        runs = checkpoint.resumable_runs(cfg, [out])
+    assert runs == [new_single, old_single, newest_job]
+    assert f"skipping {corrupt.parent.parent / 'config.yaml'}" in caplog.text
+    line = auto_resume_line(runs)
+    assert line.startswith(f"resume=auto: continuing {new_single} (the newest of 3 matching runs") and "\n" not in line
 
 
 @pytest.mark.slow

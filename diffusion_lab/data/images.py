@@ -12,7 +12,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -94,6 +94,32 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.contiguous().numpy()
 
 
+def row_labels(num_images: int, per_row: Optional[int], name: str = "class") -> Optional[list]:
+    """`class 0`, `class 1`, ... for a grid with one row per class of `per_row` images; None without rows."""
+    return None if not per_row else [f"{name} {k}" for k in range(math.ceil(num_images / per_row))]
+
+
+def caption_image(array: np.ndarray, caption: Optional[str], labels: Optional[Sequence[str]], pitch: int,
+                  padding: int):
+    """The grid as a PIL image with `caption` in a strip above it and `labels[k]` left of row k (row k starts
+    at padding + k * pitch pixels), black text on white."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    grid = Image.fromarray(array).convert("RGB")
+    font = ImageFont.load_default()
+    draw = ImageDraw.Draw(grid)
+    left = 6 + max((draw.textlength(text, font=font) for text in labels or ()), default=-6)
+    top = 16 if caption else 0
+    out = Image.new("RGB", (grid.width + int(left), grid.height + top), "white")
+    out.paste(grid, (int(left), top))
+    draw = ImageDraw.Draw(out)
+    if caption:
+        draw.text((int(left) + 2, 2), caption, fill="black", font=font)
+    for k, text in enumerate(labels or ()):
+        draw.text((2, top + padding + k * pitch + pitch // 2 - 6), text, fill="black", font=font)
+    return out
+
+
 def save_grid(
     images: torch.Tensor,
     path: PathLike,
@@ -101,11 +127,14 @@ def save_grid(
     scale: Optional[int] = None,
     padding: int = 2,
     min_width: int = 256,
+    caption: Optional[str] = None,
+    labels: Optional[Sequence[str]] = None,
 ) -> Path:
     """Write [-1,1] images [N,C,H,W] as a PNG grid (``nrow`` per row, default ceil(sqrt(N))).
 
     Each image is upscaled by the integer ``scale`` (nearest); by default the smallest factor that
-    makes the grid at least ``min_width`` pixels wide. Returns the path written.
+    makes the grid at least ``min_width`` pixels wide. ``caption`` is written above the grid (e.g. the
+    training step) and ``labels[k]`` left of row k (e.g. its class). Returns the path written.
     """
     from PIL import Image
     from torchvision.utils import make_grid
@@ -125,5 +154,8 @@ def save_grid(
         array = array[..., 0]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
+    image = Image.fromarray(array)
+    if caption or labels:
+        image = caption_image(array, caption, labels, pitch=h * int(scale) + padding, padding=padding)
+    image.save(path)
     return path

@@ -11,7 +11,6 @@ compare_loss.png, compare_fid.png (with the noise floor; one per group) and comp
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -23,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .. import console
+from ..config.early import CommandParser
 from ..errors import fail
 from ..files import first_line, write_text
 from .plots import plot_curves, smooth
@@ -354,7 +354,11 @@ def compare(paths: Sequence[Path], out: Optional[Path] = None, metric: str = "be
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m diffusion_lab.compare", description=__doc__.splitlines()[0])
+    parser = CommandParser("python -m diffusion_lab.compare", "tables and two plots for a set of runs (settings with "
+                           "mean +- s.e. over seeds, a per-run table, compare_loss.png, compare_fid.png, compare.csv).",
+                           ["SWEEP_DIR [MORE_DIRS...]  (sweep dirs, run dirs, or any dir above them)",
+                            "--metric final_loss  (sort and test by another metric than best_fid)",
+                            "--pool model.dropout  (pool over a key like over seeds)"])
     parser.add_argument("paths", nargs="+", type=Path, help="sweep dirs, run dirs, or any dir above them")
     parser.add_argument("--out", type=Path, help="where the plots and compare.csv go (default: the first path)")
     parser.add_argument("--metric", choices=METRICS, default="best_fid",

@@ -8,7 +8,6 @@ its own columns (FID and FID / floor); the digits classifier adds its classifier
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import console
+from ..config.early import CommandParser
 from ..data.datasets import digits
 from .features import digits_classifier
 from .fid import FIDEvaluator
@@ -86,7 +86,11 @@ def markdown(rows: List[Dict]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m diffusion_lab.metric_check", description=__doc__.splitlines()[0])
+    parser = CommandParser("python -m diffusion_lab.metric_check", "is the offline digits FID a metric? A table of "
+                           "floors and ceilings (metric_check.md and .csv).",
+                           ["--n 1000  (images per row: the n of the FIDs you report)",
+                            "--extractors digits,inception  (which feature extractors get columns)",
+                            "--out DIR  (where the .md and .csv go)"])
     parser.add_argument("--n", type=int, default=500, help="images per row (use the n of the FIDs you report)")
     parser.add_argument("--out", type=Path, default=Path("outputs/metric_check"), help="where the .md and .csv go")
     parser.add_argument("--extractors", default=",".join(EXTRACTORS), help=f"comma-separated, of {', '.join(EXTRACTORS)}")

@@ -12,12 +12,15 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .. import files  # noqa: E402
+
+
+AXIS_WORDS = {"fid": "FID", "loss": "training loss"}  # metric keys as an axis names them
+
 
 def read_metrics(path: Path) -> List[Dict]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The rows of a metrics.jsonl; a torn line (a write cut by a full disk or a kill) is skipped."""
+    return files.read_jsonl(Path(path))[0]
 
 
 def smooth(values: Sequence[float], fraction: float = 0.05) -> List[float]:
@@ -29,6 +32,13 @@ def smooth(values: Sequence[float], fraction: float = 0.05) -> List[float]:
     sums = np.convolve(v, np.ones(2 * half + 1), mode="same")
     counts = np.convolve(np.ones_like(v), np.ones(2 * half + 1), mode="same")
     return (sums / counts).tolist()
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write `fig` to `path` and free it."""
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
 
 
 def plot_curves(runs: Dict[str, List[Dict]], key: str, path: Path, title: str, log_y: bool = False,
@@ -44,17 +54,32 @@ def plot_curves(runs: Dict[str, List[Dict]], key: str, path: Path, title: str, l
     for (label, value), style in zip((floors or {}).items(), ("--", ":", "-.")):
         ax.axhline(value, color="gray", linestyle=style, linewidth=1, label=label)
     ax.set_xlabel("step")
-    ax.set_ylabel(key)
+    ax.set_ylabel(AXIS_WORDS.get(key, key))
     ax.set_title(textwrap.fill(title, 60), fontsize=10)
     if log_y:
         ax.set_yscale("log")
-    if len(runs) > 1 or floors:
+    if len(runs) > 1 or floors or any(", n=" in label for label in runs):
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
+
+
+def curves_per_size(history: Sequence[tuple], sizes: Sequence[Optional[int]], name: str) -> Dict[str, List[Dict]]:
+    """{legend: rows} of an FID history with one curve per sample size n: FIDs of different n differ by
+    their bias, so they are never joined into one line (a resumed run may have changed eval.num_samples)."""
+    curves: Dict[str, List[Dict]] = {}
+    for (step, value), n in zip(history, sizes):
+        legend = f"{name}, n={n}" if n is not None else f"{name}, n not recorded"
+        curves.setdefault(legend, []).append({"step": step, "fid": value})
+    return curves
+
+
+def fid_title(label: Optional[str], sizes: Sequence[Optional[int]]) -> str:
+    """fid.png's title: the FID label, unless the curves differ in n (then the legend names each n)."""
+    if len(set(sizes)) > 1:
+        return "FID against step, one curve per number of generated samples n (the legend names n)"
+    return label or "FID"
 
 
 def plot_loss(metrics_path: Path, path: Path) -> Path:
@@ -72,9 +97,7 @@ def plot_loss(metrics_path: Path, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def _to_image(images) -> np.ndarray:
@@ -99,9 +122,7 @@ def image_rows(rows: Dict[str, "torch.Tensor"], column_titles: Sequence[str], pa
         ax.set_xticklabels(column_titles, fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def forward_diffusion(x0: "torch.Tensor", schedules: Dict[str, object], timesteps: Sequence[int], path: Path,
@@ -131,26 +152,42 @@ def denoising_trajectory(trajectory, path: Path, num_images: int = 4) -> Path:
     return image_rows(rows, [f"t={t}" for t in trajectory.timesteps], path, "denoising trajectory")
 
 
-def plot_fid_vs_cost(rows: List[Dict], path: Path, label: str, floor: Optional[tuple] = None) -> Path:
-    """FID against NFE (log x) and against seconds per image, one line per sampler; floor: (value, n) drawn dashed."""
+def _setting(row: Dict) -> tuple:
+    """(sampler, guidance scale w or None): what one line of fid_vs_cost.png holds."""
+    return row["sampler"], row.get("guidance_scale")
+
+
+def _setting_label(setting: tuple) -> str:
+    name, w = setting
+    return name if w is None else f"{name}, w={w:g}"
+
+
+def fid_vs_cost_figure(rows: List[Dict], label: str, floor: Optional[tuple] = None):
+    """The figure of `plot_fid_vs_cost`: one line per sampler and guidance scale w (a guidance sweep would
+    otherwise join points of different w, at the same NFE, into one vertical line)."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name in sorted({r["sampler"] for r in rows}):
-        mine = sorted((r for r in rows if r["sampler"] == name), key=lambda r: r["nfe"])
+    for setting in sorted({_setting(r) for r in rows}, key=lambda s: (s[0], -1 if s[1] is None else s[1])):
+        mine = sorted((r for r in rows if _setting(r) == setting), key=lambda r: r["nfe"])
         for ax, key in zip(axes, ("nfe", "seconds_per_image")):
-            ax.plot([r[key] for r in mine], [r["fid"] for r in mine], marker="o", label=name)
+            ax.plot([r[key] for r in mine], [r["fid"] for r in mine], marker="o", label=_setting_label(setting))
     for ax, xlabel in zip(axes, ("model evaluations (NFE)", "wall seconds per image")):
         if floor and floor[0] is not None:
             ax.axhline(floor[0], color="gray", linestyle="--", linewidth=1, label=f"floor (real train images, n={floor[1]})")
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("FID")
+        ax.set_title(f"FID against {xlabel.split(' (')[0]}", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.suptitle(label, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
+
+
+def plot_fid_vs_cost(rows: List[Dict], path: Path, label: str, floor: Optional[tuple] = None) -> Path:
+    """FID against NFE (log x) and against seconds per image, one line per sampler (and guidance scale w);
+    floor: (value, n) drawn dashed."""
+    return save_figure(fid_vs_cost_figure(rows, label, floor), path)
 
 
 def plot_guidance(rows: List[Dict], path: Path, label: str, floor: Optional[tuple] = None) -> Path:
@@ -172,6 +209,4 @@ def plot_guidance(rows: List[Dict], path: Path, label: str, floor: Optional[tupl
         ax.legend(fontsize=7)
     fig.suptitle(label, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)

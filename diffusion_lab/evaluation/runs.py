@@ -46,8 +46,8 @@ class Run:
     def final_loss(self) -> Optional[float]:
         if self.summary:
             return self.summary.get("final_loss")
-        losses = [r["loss"] for r in self.metrics if r.get("loss") is not None][-4:]  # as train.py computes it
-        return sum(losses) / len(losses) if losses else None
+        losses = [r["loss"] for r in self.metrics if r.get("loss") is not None]  # as train.py: the last logged
+        return losses[-1] if losses else None
 
     @property
     def best_fid(self) -> Optional[float]:

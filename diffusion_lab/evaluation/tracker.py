@@ -66,6 +66,7 @@ class FIDTracker:
         self.shape = (train.channels, train.image_size, train.image_size)
         self.device = torch.device(device)
         self.history: list = []  # [(step, value)]
+        self.sizes: list = []  # generated images behind each history value (None: from a checkpoint that did not say)
         self.best: Optional[float] = None
         self.label: Optional[str] = None
         self.last: Optional[FIDResult] = None
@@ -130,6 +131,7 @@ class FIDTracker:
     def record(self, step: int, result: FIDResult) -> bool:
         """Add a value to the history; True when it is the best so far (NaN or inf never is)."""
         self.history.append((step, result.value))
+        self.sizes.append(self.num_samples)
         if math.isfinite(result.value) and (self.best is None or result.value < self.best):
             self.best = result.value
             return True
@@ -141,15 +143,16 @@ class FIDTracker:
         return {f"floor (real train images, n={ev.floor_n})": ev.floor} if self.enabled and ev.floor is not None else {}
 
     def state_dict(self) -> dict:
-        return {"history": list(self.history), "best": self.best, "label": self.label}
+        return {"history": list(self.history), "sizes": list(self.sizes), "best": self.best, "label": self.label}
 
     def load_state_dict(self, state: dict) -> None:
         self.history, self.best, self.label = list(state["history"]), state["best"], state["label"]
+        self.sizes = list(state.get("sizes") or [None] * len(self.history))
 
     def summary(self) -> dict:
         """best_fid, final_fid, the floor beside them, the label and the history (summary.json, W&B summary)."""
         ev = self.evaluator if self.enabled else None
-        return {"fid_history": self.history, "best_fid": self.best,
+        return {"fid_history": self.history, "fid_history_n": self.sizes, "best_fid": self.best,
                 "final_fid": self.history[-1][1] if self.history else None,
                 "fid_floor": ev.floor if ev else None, "fid_floor_n": ev.floor_n if ev else None,
                 "fid_reference": ev.reference if ev else None, "fid_label": self.label,

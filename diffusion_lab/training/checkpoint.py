@@ -6,6 +6,7 @@ problem with a checkpoint is a `CheckpointError` whose message is one line namin
 """
 from __future__ import annotations
 
+import logging
 import pickle
 import random
 import re
@@ -18,6 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import files
 from ..errors import ConfigError
+
+log = logging.getLogger("diffusion_lab")
 
 # Keys that may differ between a run and its continuation (the rhythm of the run, not what it trains).
 RESUME_FREE_KEYS = ("train.steps", "train.resume", "train.log_every", "train.sample_every",
@@ -181,16 +184,43 @@ def config_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[s
             for key in sorted(set(old) | set(new)) if old.get(key, missing) != new.get(key, missing)]
 
 
-def find_resumable(cfg: DictConfig, roots: Iterable[Path]) -> Optional[Path]:
-    """The newest checkpoints/last.pt under `roots` whose run had the same config (rhythm keys aside)."""
+def _in_sweep(run_dir: Path, root: Path) -> bool:
+    """Whether a run dir is a sweep job: Hydra writes multirun.yaml into the sweep dir above it."""
+    return any((parent / "multirun.yaml").is_file() for parent in run_dir.parents
+               if parent == root or root in parent.parents)
+
+
+def _saved_config(run_dir: Path) -> Optional[Dict[str, Any]]:
+    """The resolved config.yaml beside checkpoints/, or None (with a warning naming it) when it cannot be read."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(path))
+        if not isinstance(config, dict):
+            raise ValueError("not a mapping")
+        return config
+    except Exception as error:  # a corrupt file never breaks the search; it is skipped and named
+        log.warning(f"train.resume=auto: skipping {path}: cannot read it ({type(error).__name__}: "
+                    f"{files.first_line(error)})")
+        return None
+
+
+def resumable_runs(cfg: DictConfig, roots: Iterable[Path]) -> List[Path]:
+    """Every checkpoints/last.pt under `roots` whose run had the same config (rhythm keys aside), in the order
+    train.resume=auto picks them: single runs before sweep jobs (a sweep's job is rarely the run one means),
+    each newest written first. A config.yaml that cannot be read is skipped with a warning."""
     wanted = OmegaConf.to_container(cfg, resolve=True)
-    candidates = sorted(
-        (p for root in roots if Path(root).is_dir() for p in Path(root).rglob("checkpoints/last.pt")),
-        key=lambda p: p.stat().st_mtime,
-        reverse=True,
-    )
-    for path in candidates:
-        saved = path.parent.parent / "config.yaml"  # the resolved config written beside checkpoints/
-        if saved.is_file() and not config_differences(OmegaConf.to_container(OmegaConf.load(saved)), wanted):
-            return path
-    return None
+    found = []
+    for root in (Path(r) for r in roots if Path(r).is_dir()):
+        for path in root.rglob("checkpoints/last.pt"):
+            saved = _saved_config(path.parent.parent)
+            if saved is not None and not config_differences(saved, wanted):
+                found.append((_in_sweep(path.parent.parent, root), -path.stat().st_mtime, str(path), path))
+    return [path for *_, path in sorted(found)]
+
+
+def find_resumable(cfg: DictConfig, roots: Iterable[Path]) -> Optional[Path]:
+    """The checkpoint train.resume=auto continues: the first of `resumable_runs`, or None."""
+    runs = resumable_runs(cfg, roots)
+    return runs[0] if runs else None

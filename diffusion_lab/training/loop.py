@@ -22,7 +22,8 @@ from ..diffusion.objectives import Objective
 from ..diffusion.samplers import Trajectory, num_evaluations
 from ..diffusion.schedules import NoiseSchedule
 from ..errors import error_line
-from ..evaluation.plots import denoising_trajectory, forward_diffusion, plot_curves, plot_loss
+from ..evaluation.plots import (curves_per_size, denoising_trajectory, fid_title, forward_diffusion, plot_curves,
+                                plot_loss)
 from ..evaluation.tracker import FIDTracker
 from ..models import count_parameters
 from ..registry import SCHEDULES
@@ -32,7 +33,7 @@ from .ema import EMA
 from .loggers import sweep_tags
 from .outputs import Outputs, run_name
 from .run_state import RunState
-from .step import TrainStep
+from .step import TrainStep, warmup_note
 
 log = progress.log
 
@@ -269,19 +270,26 @@ def final_pictures(run: Run, run_dir: Path, name: str) -> Dict[str, Path]:
                                  run_dir)}
     fid = run.fid
     if fid.history:
-        pictures["fid"] = plot_curves({name: [{"step": s, "fid": v} for s, v in fid.history]}, "fid",
-                                      run_dir / "fid.png", fid.label or "FID", floors=fid.floors())
+        pictures["fid"] = plot_curves(curves_per_size(fid.history, fid.sizes, name), "fid", run_dir / "fid.png",
+                                      fid_title(fid.label, fid.sizes), floors=fid.floors())
     return pictures
+
+
+def final_losses(history: Sequence[Tuple[int, float]], window: int = 4) -> Dict[str, Optional[float]]:
+    """final_loss: the loss logged at the last log point (what the console's last line shows);
+    final_loss_smoothed: the mean of the last `window` log points (less noisy, but not the last step's)."""
+    last = [loss for _, loss in history[-window:]]
+    return {"final_loss": last[-1] if last else None,
+            "final_loss_smoothed": sum(last) / len(last) if last else None}
 
 
 def summarize(run: Run, state: RunState, loop: Loop, out: Outputs, identity: Dict[str, Any]) -> Dict[str, Any]:
     """summary.json's content: the run, its size, loss, throughput, FID and where its files are."""
-    losses = [loss for _, loss in state.loss_history[-4:]]
     return {
         **identity, "run_dir": str(out.run_dir), "device": str(run.device), "world_size": run.ranks.world_size,
         "num_parameters": state.info["num_parameters"], "dataset": run.cfg.data.name,
         "dataset_size": len(run.dataset), "steps": state.step,
-        "final_loss": sum(losses) / len(losses) if losses else None, "wall_time_s": state.elapsed_s,
+        **final_losses(state.loss_history), "wall_time_s": state.elapsed_s,
         "train_images_per_s": loop.images_per_s, "last_grid": str(loop.grid_path) if loop.grid_path else None,
         "checkpoint": str(out.run_dir / "checkpoints" / "last.pt"), **run.fid.summary(),
         "wandb": out.logger_info(), "interrupted": loop.stopped,
@@ -312,7 +320,7 @@ def finish(run: Run, state: RunState, loop: Loop, out: Outputs, stop: preemption
 
 def start(cfg: DictConfig, run: Run, state: RunState, out: Outputs, group: Optional[str],
           overrides: Sequence[str], swept: Sequence[str]) -> Dict[str, Any]:
-    """config.yaml, the logger and the start line; returns the run's name, group and overrides."""
+    """config.yaml, the logger and the start lines (the run, its learning rate); returns the run's name, group and overrides."""
     logger_params = OmegaConf.to_container(cfg.logger, resolve=True)
     logger_params.pop("name", None)
     group = logger_params.pop("group", None) or group
@@ -324,6 +332,7 @@ def start(cfg: DictConfig, run: Run, state: RunState, out: Outputs, group: Optio
     log.info(f"diffusion_lab | device {run.device} | world size {run.ranks.world_size} | model {cfg.model.name} "
              f"{state.info['num_parameters'] / 1e6:.2f}M params | data {cfg.data.name} {len(run.dataset)} images "
              f"{c}x{h}x{w} | run dir {out.run_dir}")
+    log.info(warmup_note(cfg.train))
     return {"name": name, "group": group, "overrides": list(overrides)}
 
 

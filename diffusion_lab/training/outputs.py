@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 from .. import files
-from ..data.images import save_grid
+from ..data.images import row_labels, save_grid
 from . import checkpoint, progress, run_lock
 from . import run_dir as run_dirs
 from .loggers import LOGGERS
@@ -88,7 +88,7 @@ class Outputs:
         path = self.run_dir / "samples" / f"step_{step:07d}.png"
         path.parent.mkdir(exist_ok=True)
         images, nrow = generate()
-        save_grid(images, path, nrow=nrow)
+        save_grid(images, path, nrow=nrow, caption=f"step {step} (EMA model)", labels=row_labels(len(images), nrow))
         self.logger.log_images({"samples": path}, step)
         return path
 

@@ -42,6 +42,21 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, decay: Callable[[f
 
 OPTIMIZERS = ("adam", "adamw")  # train.optimizer
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # train.precision
+MAX_WARMUP_FRACTION = 0.2  # a short run warms up over at most this fraction of its steps
+
+
+def clipped_warmup(warmup_steps: int, total_steps: int) -> int:
+    """The warm-up a run of `total_steps` gets: train.warmup_steps, but at most MAX_WARMUP_FRACTION of the run,
+    so the peak learning rate is reached early also in a short run (train.steps=100 with the default 100)."""
+    return min(int(warmup_steps), int(MAX_WARMUP_FRACTION * int(total_steps)))
+
+
+def warmup_note(t) -> str:
+    """The run's start line on the learning rate (config node `train`), saying when the warm-up was clipped."""
+    used = clipped_warmup(t.warmup_steps, t.steps)
+    clipped = (f" (train.warmup_steps={t.warmup_steps} clipped to {MAX_WARMUP_FRACTION:.0%} of train.steps={t.steps})"
+               if used != t.warmup_steps else "")
+    return f"lr: warm-up {used} steps{clipped} to {t.lr:g}, then {t.lr_schedule} to step {t.steps}"
 
 
 def build_optimizer(
