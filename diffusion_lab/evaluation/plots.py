@@ -1,7 +1,6 @@
 """Pictures people would rather look at than read: curves, image strips, FID against sampling cost."""
 from __future__ import annotations
 
-import json
 import textwrap
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
