@@ -131,7 +131,7 @@ def test_a_lock_file_left_by_a_dead_process_does_not_block(tmp_path):
 def test_a_run_that_fails_releases_its_lock(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
 
-    def broken(self):
+    def broken(self, *args):
         raise RuntimeError("a bug in the loop")
 
     monkeypatch.setattr(Loop, "run_steps", broken)

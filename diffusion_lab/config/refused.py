@@ -12,6 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from ..training.run_lock import LOCK_FILE
+
 _anchor: Optional[Path] = None  # the nearest existing ancestor of the planned run dir, before Hydra started
 
 
@@ -30,12 +32,12 @@ def _made_here(path: Path) -> bool:
 
 
 def _unused(run_dir: Path) -> bool:
-    """Only Hydra's `.hydra/*.yaml` files and `*.log` files."""
+    """Only Hydra's `.hydra/*.yaml` files, `*.log` files and the run lock."""
     for entry in run_dir.iterdir():
         if entry.is_dir() and entry.name == ".hydra":
             if any(not (f.is_file() and f.suffix == ".yaml") for f in entry.iterdir()):
                 return False
-        elif not (entry.is_file() and entry.suffix == ".log"):
+        elif not (entry.is_file() and (entry.suffix == ".log" or entry.name == LOCK_FILE)):
             return False
     return True
 
