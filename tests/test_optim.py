@@ -175,3 +175,19 @@ def test_last_lr_is_the_lr_the_step_used():
     step = make_step("linear")
     used = run_steps(step, TOTAL)
     assert step.last_lr == used[-1] > 0 and step.lr == pytest.approx(0.0, abs=1e-15)
+
+
+def test_a_resume_keeps_the_runs_clipped_warm_up():
+    """The warm-up is clipped to a fraction of train.steps; a resume that raises train.steps keeps the warm-up
+    the run started with (saved in the step's state), so its learning rates continue as they were."""
+    def step_fn(warmup):
+        model = torch.nn.Linear(2, 1)
+        return TrainStep(model, torch.optim.SGD(model.parameters(), lr=1.0), "cpu", warmup_steps=warmup,
+                         lr_schedule="constant", total_steps=100)
+
+    first = step_fn(warmup=4)
+    for _ in range(2):
+        first(lambda: first.model(torch.ones(1, 2)).sum())
+    resumed = step_fn(warmup=20)  # the clip of a longer train.steps
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.warmup_steps == 4 and resumed.lr == first.lr == 0.75

@@ -75,8 +75,10 @@ class FIDTracker:
             with torch.random.fork_rng(devices=[]):  # the floor's subset and clean-fid's dummy z leave training alone
                 self.evaluator = build_evaluator(eval_cfg, datasets, device, self.num_samples, progress=False)
             if self.evaluator.enabled:
-                log.info(f"FID reference: {self.evaluator.reference}; floor {self.evaluator.floor:.4f} "
-                         f"(FID of {self.evaluator.floor_n} real training images, {self.evaluator.extractor_label})")
+                ev = self.evaluator
+                floor = (f"floor {ev.floor:.4f} (FID of {ev.floor_n} real training images, {ev.extractor_label})"
+                         if ev.floor is not None else "no floor (not a finite positive number)")
+                log.info(f"FID reference: {ev.reference}; {floor}")
 
     @property
     def enabled(self) -> bool:

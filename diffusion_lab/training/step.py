@@ -121,8 +121,9 @@ class TrainStep:
         self.skipped = False  # whether the last call skipped its update (non-finite loss or gradient)
         self.last_lr: Optional[float] = None  # the learning rate of the last call
         decay = LR_SCHEDULES.get(lr_schedule)
+        self.warmup_steps = warmup_steps  # saved: a resume with another train.steps keeps the run's (clipped) warm-up
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, decay)
+            optimizer, lambda step: lr_factor(step, self.warmup_steps, total_steps, decay)
         )
 
     def __call__(self, loss_fn: Callable[[], torch.Tensor]) -> Tuple[float, float]:
@@ -166,9 +167,11 @@ class TrainStep:
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "warmup_steps": self.warmup_steps,
         }
 
     def load_state_dict(self, state: dict) -> None:
+        self.warmup_steps = state.get("warmup_steps", self.warmup_steps)  # absent: saved before warm-up was clipped
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.scaler.load_state_dict(state["scaler"])
