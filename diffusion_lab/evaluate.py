@@ -62,8 +62,9 @@ def score(cfg: DictConfig, trained, evaluator, settings: Dict, labels: Optional[
                       labels=labels)
     seconds = time.perf_counter() - started
     result = evaluator.score(images)
-    T = trained.schedule.num_timesteps
-    nfe, steps, label = num_evaluations(name, settings, T), num_steps(name, settings, T), setting_label(name, settings, T)
+    process = trained.schedule
+    nfe, steps = num_evaluations(name, settings, process), num_steps(name, settings, process)
+    label = setting_label(name, settings, process)
     w = settings.get("guidance_scale")
     classifier = evaluator.extractor if hasattr(evaluator.extractor, "logits") else None
     accuracy = class_accuracy(classifier, images, labels) if labels is not None and classifier is not None else None

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .diffusion.losses import DiffusionLoss
 from .diffusion.objectives import EpsObjective
 from .diffusion.samplers import ddim, ddpm
 from .diffusion.schedules import NoiseSchedule, cosine_betas, linear_betas
@@ -124,8 +125,8 @@ class _Process:
 
         def loss_fn() -> torch.Tensor:
             t = self.schedule.sample_timesteps(images.shape[0], self.device)
-            x_t, noise = self.add_noise(images, t)
-            return self.objective.loss(self.model(x_t, t), images, noise, self.schedule, t)
+            noise = torch.randn_like(images)
+            return DiffusionLoss(self.schedule, self.objective)(self.model, images, t, noise)
 
         loss, _ = self._step(loss_fn)
         return loss

@@ -153,9 +153,9 @@ def lab_rows(cfg: DictConfig) -> List[Dict]:
         for budget in cfg.nfe:
             settings["steps"] = steps_for(name, int(budget))
             result = run_sampler(build_sampler(name, **settings), schedule, objective, truth, cfg.n, cfg.seed)
-            assert result.pop("nfe_used") == num_evaluations(name, settings, schedule.num_timesteps)
+            assert result.pop("nfe_used") == num_evaluations(name, settings, schedule)
             rows.append(dict(result, schedule=cfg.schedule.name, sampler=name, grid=str(settings["grid"]),
-                             nfe=num_evaluations(name, settings, schedule.num_timesteps), steps=settings["steps"],
+                             nfe=num_evaluations(name, settings, schedule), steps=settings["steps"],
                              mode_weight_floor=truth.floor["mode_weight_error"],
                              spread_floor=truth.floor["spread_error"], sw_floor=truth.floor["sw"], n=cfg.n))
     return rows

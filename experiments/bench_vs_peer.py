@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
+
+from diffusion_lab.diffusion.losses import DiffusionLoss  # noqa: E402
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
@@ -94,7 +96,7 @@ def eps_loss(net: nn.Module, x0: torch.Tensor, schedule, objective, device: torc
         t = schedule.sample_timesteps(x0.shape[0], device, generator)
         eps = torch.randn(x0.shape, generator=generator, device=device)
         x_t, _ = schedule.add_noise(x0, t, eps)
-        return objective.loss(net(x_t, t), x0, eps, schedule, t)
+        return DiffusionLoss(schedule, objective).mse(net(x_t, t), x0, eps, t)
 
     return loss_fn
 
@@ -146,7 +148,7 @@ def loss_check(lab_net: nn.Module, diffusion: nn.Module, x0: torch.Tensor, devic
     generator = torch.Generator(device=device).manual_seed(SEED + 2)
     t = schedule.sample_timesteps(x0.shape[0], device, generator)
     eps = torch.randn(x0.shape, generator=generator, device=device)
-    lab = EpsObjective().loss(lab_net(schedule.add_noise(x0, t, eps)[0], t), x0, eps, schedule, t).item()
+    lab = DiffusionLoss(schedule, EpsObjective()).mse(lab_net(schedule.add_noise(x0, t, eps)[0], t), x0, eps, t).item()
     peer = diffusion((x0 + 1) / 2, eps, times=t).item()  # -> p_losses(normalize(img), t, noise=eps)
     gap = (schedule.sqrt_alphas_cumprod - diffusion.sqrt_alphas_cumprod).abs().max().item()
     return {"lab": lab, "peer": peer, "schedule_max_abs_diff": gap}

@@ -17,12 +17,17 @@ def options(group):
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes_and_builds(group, option):
-    cfg = compose_config([f"{group}={option}"])
+    # a flow target needs a continuous process and the flow path needs a target other than eps: pair them
+    pair = {("schedule", "flow"): ["objective=flow"], ("objective", "flow"): ["schedule=flow"]}.get((group, option), [])
+    cfg = compose_config([f"{group}={option}", *pair])
     validate(cfg)
     if group not in ("train", "eval"):
         assert cfg[group].name == option
     schedule = build_schedule(cfg)
-    assert schedule.num_timesteps == cfg.schedule.noise_steps
+    if schedule.discrete:
+        assert schedule.num_timesteps == cfg.schedule.noise_steps
+    else:
+        assert schedule.name == cfg.schedule.name and 0 <= schedule.t_min < schedule.t_max
     build_objective(cfg)
     build_sampler(cfg)
     if group == "model":

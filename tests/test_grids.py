@@ -62,7 +62,7 @@ def test_steps_out_of_range(name, S):
 
 
 def test_registry_and_other_forms():
-    assert set(GRIDS.names()) == {"linspace", "leading", "trailing", "logsnr", "karras"}
+    assert set(GRIDS.names()) == {"linspace", "leading", "trailing", "logsnr", "karras", "shift"}
     with pytest.raises(UnknownChoiceError, match="unknown grid 'uniform'; known: karras, leading"):
         grids.resolve("uniform", linear(), 10)
     s = linear()

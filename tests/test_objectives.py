@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from diffusion_lab.diffusion.losses import DiffusionLoss
 from diffusion_lab.diffusion.objectives import EpsObjective, Objective, VObjective, X0Objective
 from diffusion_lab.diffusion.schedules import cosine, linear
 from diffusion_lab.registry import OBJECTIVES, UnknownChoiceError
@@ -69,18 +70,20 @@ def test_predictions_are_consistent_with_x_t(schedule, name):
 
 def _x0_space(schedule, name, weighting):
     """(weight * ||target - pred||^2, ||x0 - x0_pred||^2) per sample, for a perturbed prediction at fixed x_t."""
-    obj = OBJECTIVES.build(name, weighting=weighting, snr_gamma=GAMMA)
+    obj = OBJECTIVES.build(name)
+    recipe = DiffusionLoss(schedule, obj, weighting=weighting, snr_gamma=GAMMA)
     x0, eps, t, x_t = _batch(schedule, seed=4)
     target = obj.target(x0, eps, schedule, t)
     # a perturbation of order 1: float32 storage makes a^2 + b^2 = 1 + O(1e-7), which adds O(1e-7) x0 to x0_pred
     # for v; against a tiny perturbation at t = 0 (b ~ 2e-3) that would dominate the comparison
     pred = target + torch.randn(target.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     x0_pred, _ = obj.to_x0_eps(pred, x_t, schedule, t)
-    weight = obj.loss_weight(schedule, t).double()
+    weight = recipe.weight(t)
+    weight = torch.ones(t.shape, dtype=torch.float64) if weight is None else weight.double()
     assert weight.shape == t.shape
     target_err = (target - pred).pow(2).flatten(1).mean(1)
     x0_err = (x0 - x0_pred).pow(2).flatten(1).mean(1)
-    loss = obj.loss(pred, x0, eps, schedule, t)
+    loss = recipe.mse(pred, x0, eps, t)
     assert loss.dim() == 0
     torch.testing.assert_close(loss.double(), (weight * target_err).mean(), rtol=1e-5, atol=0)
     return weight * target_err, x0_err, t
@@ -98,16 +101,16 @@ def test_min_snr_weights_x0_error_by_min_snr_gamma(schedule, name):
                                             ("v", lambda snr: snr + 1)])
 def test_uniform_weights(schedule, name, x0_weight):
     weighted, x0_err, t = _x0_space(schedule, name, "uniform")
-    assert torch.equal(OBJECTIVES.build(name).loss_weight(schedule, t), torch.ones(t.shape))
+    assert DiffusionLoss(schedule, OBJECTIVES.build(name)).weight(t) is None  # no weight: plain MSE
     # plain MSE on the target = the documented implicit weight on the x0 error
     torch.testing.assert_close(weighted, x0_weight(_snr64(schedule, t)) * x0_err, rtol=1e-5, atol=0)
 
 
 def test_bad_weighting_and_gamma():
-    with pytest.raises(ValueError, match="unknown loss weighting 'p2'; known: uniform, min_snr"):
-        EpsObjective(weighting="p2")
+    with pytest.raises(ValueError, match="unknown loss weighting 'p2'; known: edm, min_snr, sigmoid, uniform"):
+        DiffusionLoss(linear(), EpsObjective(), weighting="p2")
     with pytest.raises(ValueError, match="snr_gamma must be > 0"):
-        VObjective(weighting="min_snr", snr_gamma=0.0)
+        DiffusionLoss(linear(), VObjective(), weighting="min_snr", snr_gamma=0.0)
     with pytest.raises(NotImplementedError):
         Objective().target(None, None, None, None)
 
@@ -116,6 +119,6 @@ def test_objective_registry():
     assert set(NAMES) <= set(OBJECTIVES.names())
     with pytest.raises(UnknownChoiceError, match="unknown objective 'score'; known: .*eps"):
         OBJECTIVES.build("score")
-    obj = OBJECTIVES.build("x0", weighting="min_snr", snr_gamma=2.5)
-    assert isinstance(obj, X0Objective) and obj.weighting == "min_snr" and obj.snr_gamma == 2.5
-    assert math.isclose(obj.loss_weight(linear(), torch.tensor([999])).item(), linear().snr[999].item(), rel_tol=1e-6)
+    recipe = DiffusionLoss(linear(), OBJECTIVES.build("x0"), weighting="min_snr", snr_gamma=2.5)
+    assert isinstance(recipe.objective, X0Objective) and recipe.weighting == "min_snr" and recipe.snr_gamma == 2.5
+    assert math.isclose(recipe.weight(torch.tensor([999])).item(), linear().snr[999].item(), rel_tol=1e-6)

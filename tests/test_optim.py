@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from diffusion_lab.diffusion.losses import DiffusionLoss
 from omegaconf import OmegaConf
 
 from diffusion_lab.training.progress import shorten
@@ -107,7 +109,7 @@ def train_on(step: TrainStep, batches: list, chunks: int) -> list:
     def loss_fn():
         x0, t, eps = next(pieces)
         x_t, _ = schedule.add_noise(x0, t, eps)
-        return objective.loss(step.model(x_t, t), x0, eps, schedule, t)
+        return DiffusionLoss(schedule, objective).mse(step.model(x_t, t), x0, eps, t)
 
     return [step(loss_fn) for _ in batches]
 

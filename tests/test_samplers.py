@@ -22,7 +22,7 @@ from diffusion_lab.diffusion.exact import ExactDenoiser, GaussianMixture
 from diffusion_lab.diffusion.objectives import EpsObjective, VObjective, X0Objective
 from diffusion_lab.diffusion.samplers import (
     Trajectory,
-    _grid_to_zero,
+    _grid,
     build_sampler,
     ddim,
     ddpm,
@@ -181,7 +181,7 @@ def _exact_moments(schedule, fn, kw):
         return _ddim_moments(schedule, grids.resolve(kw.get("grid", "linspace"), schedule, kw["steps"]).tolist(),
                              kw.get("eta", 0.0))
     if fn is euler_ancestral:  # == DDIM with eta = 1 on its grid (see the test below)
-        return _ddim_moments(schedule, _grid_to_zero(schedule, "karras", kw["steps"]), 1.0)
+        return _ddim_moments(schedule, _grid(schedule, "karras", kw["steps"], True), 1.0)
     if fn is pc:  # the corrector's step size depends on the sample's own norms: no closed form here
         return None
     # the ODE solvers are deterministic and, for Gaussian data, affine in x_T: read it off at x_T = 0 and 1
@@ -388,8 +388,8 @@ def test_ddim_eta_out_of_range(schedule, eta):
 
 def test_registry_and_build_sampler(schedule):
     assert {"ddpm", "ddim", "dpm_solver"} <= set(SAMPLERS.names())
-    with pytest.raises(UnknownChoiceError, match="unknown sampler 'euler'; known: .*ddim"):
-        build_sampler("euler")
+    with pytest.raises(UnknownChoiceError, match="unknown sampler 'euler_maruyama'; known: .*ddim"):
+        build_sampler("euler_maruyama")
     with pytest.raises(ValueError, match="sampler 'ddpm' does not take 'eta'; it takes: steps, variance"):
         build_sampler("ddpm", eta=0.0)
     with pytest.raises(ValueError, match="sampler 'dpm_solver' does not take 'eta'"):
@@ -413,12 +413,12 @@ def test_registry_and_build_sampler(schedule):
 )
 def test_num_evaluations_counts_model_calls(name, params, expected):
     small = linear(noise_steps=100)
-    assert num_evaluations(name, params, small.num_timesteps) == expected
+    assert num_evaluations(name, params, small) == expected
     model = _model(small, [1.0], [MU], [S])
     build_sampler(name, **params)(model, small, EpsObjective(), torch.randn(2, 1, 2, 2), generator=_gen())
     assert model.calls == expected
     with pytest.raises(ValueError, match="does not take 'bogus'"):
-        num_evaluations(name, {"bogus": 1}, 100)
+        num_evaluations(name, {"bogus": 1}, small)
 
 
 @pytest.mark.parametrize("name,params", [("ddpm", {}), ("ddim", {"steps": 12}), ("dpm_solver", {"steps": 9})])
@@ -435,7 +435,7 @@ def test_callback_and_trajectory(name, params):
 
     out = build_sampler(name, **params)(_model(small, [1.0], [MU], [S]), small, EpsObjective(), x,
                                         callback=callback)
-    n = num_evaluations(name, params, 100)
+    n = num_evaluations(name, params, small)
     assert [i for i, _ in calls] == list(range(n))
     if name == "ddpm":
         expected_ts = list(range(99, -1, -1))
@@ -521,7 +521,7 @@ def test_every_sampler_runs_on_every_grid(name, grid):
     seen = []
     out = build_sampler(name, **params)(model, small, EpsObjective(), x, generator=_gen(),
                                         callback=lambda i, t, x_t, x0: seen.append(t))
-    assert model.calls == len(seen) == num_evaluations(name, params, 100)
+    assert model.calls == len(seen) == num_evaluations(name, params, small)
     assert bool(torch.isfinite(out).all()) and abs(out.mean().item() - MU) < 0.1
     if name not in ("ddim", "pc"):
         assert 0 not in seen, "a solver that ends at sigma = 0 never evaluates the model at t = 0"
@@ -531,10 +531,10 @@ def test_every_sampler_runs_on_every_grid(name, grid):
 
 def test_solvers_keep_steps_evaluations_without_t0():
     small = linear(noise_steps=100)
-    assert _grid_to_zero(small, "linspace", 5) == grids.linspace(small, 6).tolist()[:-1]  # diffusers' "zero" final
-    assert _grid_to_zero(small, "trailing", 5) == grids.trailing(small, 5).tolist()  # no t = 0: kept as it is
-    assert _grid_to_zero(small, [80, 40, 0], 9) == [80, 40]
-    assert _grid_to_zero(small, "linspace", 100) == list(range(99, -1, -1))  # every timestep: nothing to redraw
+    assert _grid(small, "linspace", 5, True) == grids.linspace(small, 6).tolist()[:-1]  # diffusers' "zero" final
+    assert _grid(small, "trailing", 5, True) == grids.trailing(small, 5).tolist()  # no t = 0: kept as it is
+    assert _grid(small, [80, 40, 0], 9, True) == [80, 40]
+    assert _grid(small, "linspace", 100, True) == list(range(99, -1, -1))  # every timestep: nothing to redraw
 
 
 def test_euler_ancestral_is_ddim_eta1_on_the_same_grid(schedule):

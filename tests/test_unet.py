@@ -3,6 +3,8 @@ import math
 
 import pytest
 import torch
+
+from diffusion_lab.diffusion.losses import DiffusionLoss
 from torch import nn
 
 from diffusion_lab.diffusion.objectives import EpsObjective
@@ -207,7 +209,7 @@ def test_base_overfits_fixed_batch():
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(30):  # fixed t and noise: the loss halves within ~5 steps, 30 leaves a wide margin
-        loss = objective.loss(model(x_t, t), x0, eps, schedule, t)
+        loss = DiffusionLoss(schedule, objective).mse(model(x_t, t), x0, eps, t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -9,9 +9,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import models  # noqa: F401  (registers the models)
 from ..data import datasets as data
-from ..diffusion import conditioning, objectives, samplers, schedules  # noqa: F401  (registers components)
+from ..diffusion import conditioning, objectives, processes, samplers, schedules  # noqa: F401  (registers components)
+from ..diffusion.losses import RECIPE_KEYS, DiffusionLoss
 from ..diffusion.objectives import Objective
-from ..diffusion.schedules import NoiseSchedule
 from ..registry import MODELS, OBJECTIVES, SCHEDULES
 from ..training.loop import Components
 
@@ -38,12 +38,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_schedule(cfg: DictConfig) -> NoiseSchedule:
+def build_schedule(cfg: DictConfig):
+    """The noise process (`schedule=`): a discrete schedule or a continuous process."""
     return SCHEDULES.build(cfg.schedule.name, **params(cfg.schedule))
 
 
 def build_objective(cfg: DictConfig) -> Objective:
-    return OBJECTIVES.build(cfg.objective.name, **params(cfg.objective))
+    """The parameterisation (`objective=`), from its own keys (the recipe keys belong to the loss)."""
+    values = {k: v for k, v in params(cfg.objective).items() if k not in RECIPE_KEYS}
+    return OBJECTIVES.build(cfg.objective.name, **values)
+
+
+def build_loss(cfg: DictConfig, process, objective: Objective) -> DiffusionLoss:
+    """The training recipe: density, weighting and target from the objective node's recipe keys."""
+    return DiffusionLoss.from_config(process, objective, params(cfg.objective))
 
 
 def build_model(cfg: DictConfig, image_size: int, channels: int, data_classes: Optional[int] = None) -> torch.nn.Module:
@@ -64,12 +72,14 @@ def build_components(cfg: DictConfig, device: torch.device, image_size: int, cha
     ``data_classes`` classes (None: unlabelled); a conditional model must be able to embed every label."""
     model = build_model(cfg, image_size, channels, data_classes)
     conditioning.check_data(getattr(model, "num_classes", None), data_classes, cfg.data.name)
+    process, objective = build_schedule(cfg).to(device), build_objective(cfg)
     return Components(
         model=model.to(device),
-        schedule=build_schedule(cfg).to(device),
-        objective=build_objective(cfg),
+        schedule=process,
+        objective=objective,
         sampler=build_sampler(cfg),
         image_shape=(channels, image_size, image_size),
+        loss=build_loss(cfg, process, objective),
     )
 
 

@@ -7,14 +7,13 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .. import console
 from ..diffusion.objectives import Objective
-from ..diffusion.schedules import NoiseSchedule
 from ..errors import error_line
 from ..evaluation.fid import FIDEvaluator
 from ..evaluation.tracker import build_evaluator
@@ -29,7 +28,7 @@ class Trained:
     """A checkpoint's EMA model with the schedule and objective it was trained with."""
 
     model: torch.nn.Module
-    schedule: NoiseSchedule
+    schedule: Any  # the noise process (a discrete schedule or a continuous process)
     objective: Objective
     config: DictConfig
     image_shape: tuple
@@ -97,6 +96,8 @@ def wandb_group(path: Path) -> Optional[str]:
 
 def check_steps(settings: dict, trained: Trained) -> None:
     """A sampler cannot take more steps than the checkpoint's schedule has timesteps."""
+    if not trained.schedule.discrete:
+        return
     steps, T = settings.get("steps"), trained.schedule.num_timesteps
     if steps is not None and steps > T:
         raise ValueError(f"sampler.steps={steps} ({settings.get('name')}) must be <= the checkpoint's "
@@ -114,7 +115,8 @@ def generate(trained: Trained, sampler: Callable, num_samples: int, batch_size: 
         x_T = torch.randn((min(batch_size, num_samples - start), *trained.image_shape), generator=generator,
                           device=device)
         y = None if labels is None else labels[start:start + len(x_T)].to(device)
-        batches.append(sampler(trained.model, trained.schedule, trained.objective, x_T, y=y, generator=generator).cpu())
+        model = trained.objective.network(trained.model, trained.schedule)
+        batches.append(sampler(model, trained.schedule, trained.objective, x_T, y=y, generator=generator).cpu())
     return torch.cat(batches)
 
 

@@ -84,7 +84,8 @@ RULES: Sequence[Rule] = (
 
 # Enumerated string values: (key, module, name of the tuple of choices the code that reads the key keeps).
 CHOICES: Sequence[Tuple[str, str, str]] = (
-    ("objective.weighting", "diffusion.objectives", "WEIGHTINGS"),
+    ("objective.weighting", "diffusion.losses", "WEIGHTINGS"),
+    ("objective.density", "diffusion.losses", "DENSITIES"),
     ("sampler.variance", "diffusion.samplers", "DDPM_VARIANCES"),
     ("train.optimizer", "training.step", "OPTIMIZERS"),
     ("train.precision", "training.step", "PRECISIONS"),
@@ -102,6 +103,7 @@ def choice_rules(node: Any, prefix: str = "") -> List[Rule]:
     for key, module, name in CHOICES:
         if key.startswith(prefix) and OmegaConf.select(node, key[len(prefix):], default=None) is not None:
             choices = getattr(importlib.import_module(f"diffusion_lab.{module}"), name)
+            choices = choices.names() if hasattr(choices, "names") else choices  # a registry
             rules.append(_rule(key[len(prefix):], str, _one_of(*choices)))
     return rules
 
@@ -250,9 +252,11 @@ def _check_sampler_fits_schedule(cfg: DictConfig) -> None:
 
 
 def _check_sampling(cfg: DictConfig) -> None:
-    """The grid is a registered name (or a list); the schedule builds (terminal signal); eps needs alpha_bar_{T-1} > 0."""
+    """The grid is a registered name (or a list); the schedule builds (terminal signal); eps needs alpha_bar_{T-1} > 0;
+    the objective and its recipe work on the process; the sampler's grid exists on it."""
+    from ..diffusion import grids
     from ..registry import GRIDS
-    from .build import build_schedule
+    from .build import build_loss, build_objective, build_schedule
 
     grid = OmegaConf.select(cfg, "sampler.grid", default=None)
     if isinstance(grid, str) and grid not in GRIDS:
@@ -265,3 +269,17 @@ def _check_sampling(cfg: DictConfig) -> None:
         if cfg.schedule.get("zero_terminal_snr") and OmegaConf.select(cfg, "objective.name", default=None) == "eps":
             raise ConfigError("schedule.zero_terminal_snr=true needs objective=v or x0: eps cannot give x0 at "
                               "alpha_bar = 0")
+        _check_on_process(cfg, build_schedule(cfg), grid, grids, build_objective, build_loss)
+
+
+def _check_on_process(cfg: DictConfig, process, grid, grids, build_objective, build_loss) -> None:
+    """The objective, its recipe and the sampler's grid on this process (one line each when they cannot work)."""
+    try:
+        if OmegaConf.select(cfg, "objective.name", default=None) is not None:
+            build_loss(cfg, process, build_objective(cfg))
+        steps = OmegaConf.select(cfg, "sampler.steps", default=None)
+        if grid is not None and (steps is not None or grids.is_list(grid)):
+            grid = OmegaConf.to_container(grid) if not isinstance(grid, str) else grid
+            grids.resolve(grid, process, steps or 1)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error

@@ -1,10 +1,12 @@
 """An exactly known data distribution and its exact denoiser, for testing and scoring samplers.
 
-x0 ~ sum_k w_k N(m_k, s_k^2 I_d). With x_t = a x0 + b eps (a = sqrt(alpha_bar_t), b = sqrt(1 - alpha_bar_t)),
-x_t | k ~ N(a m_k, v_k I_d) with v_k = a^2 s_k^2 + b^2, so with responsibilities r_k(x_t):
+x0 ~ sum_k w_k N(m_k, s_k^2 I_d). With x_t = a x0 + b eps on any noise process (a = alpha(t), b = sigma(t); for a
+discrete schedule a = sqrt(alpha_bar_t), b = sqrt(1 - alpha_bar_t)), x_t | k ~ N(a m_k, v_k I_d) with
+v_k = a^2 s_k^2 + b^2, so with responsibilities r_k(x_t):
     E[x0 | x_t]  = sum_k r_k (m_k + a s_k^2 (x_t - a m_k) / v_k)
     E[eps | x_t] = sum_k r_k  b (x_t - a m_k) / v_k
-and the v-predictor is a E[eps] - b E[x0]. Everything in float64, built from these closed forms (not objectives.py).
+in float64 from these closed forms. The optimal output of any parameterisation is its target evaluated at these
+two (every target is affine in (x0, eps) given x_t), so ``kind`` may be eps, x0, v, flow or edm.
 ``ConditionalDenoiser`` is the class-conditional version (E[eps | x_t, y], each class its own mixture), for
 testing classifier-free guidance.
 """
@@ -13,6 +15,9 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import torch
+
+from ..registry import OBJECTIVES
+from . import objectives  # noqa: F401  (registers the parameterisations)
 
 
 class GaussianMixture:
@@ -63,16 +68,17 @@ class GaussianMixture:
 
 
 class ExactDenoiser:
-    """model(x_t, t) returning the exact E[eps|x_t], E[x0|x_t] or v for mixture data (float64 inside).
+    """model(x_t, t) returning the exact optimal output of parameterisation ``kind`` for mixture data (float64
+    inside): E[eps|x_t] for eps, E[x0|x_t] for x0, and their combination for v, flow and edm.
 
     Each sample of x_t [B, ...] holds numel / (B d) independent draws of the d-dimensional mixture.
     """
 
-    def __init__(self, schedule, mixture: GaussianMixture, kind: str = "eps"):
-        if kind not in ("eps", "x0", "v"):
+    def __init__(self, process, mixture: GaussianMixture, kind: str = "eps"):
+        if kind not in OBJECTIVES:
             raise ValueError(f"unknown prediction kind '{kind}'")
-        self.alphas_cumprod = schedule.alphas_cumprod.to(torch.float64)
-        self.mixture, self.kind = mixture, kind
+        self.process, self.mixture, self.kind = process, mixture, kind
+        self.objective = OBJECTIVES.build(kind)
         self.calls = 0
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -81,16 +87,26 @@ class ExactDenoiser:
 
     def _rows(self, x_t: torch.Tensor, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x_t as float64 rows [N, d] with their a, b [N, 1]."""
-        assert t.dtype == torch.long and t.shape == (x_t.shape[0],) and t.device == x_t.device
+        assert t.dtype == (torch.long if self.process.discrete else torch.float64)
+        assert t.shape == (x_t.shape[0],) and t.device == x_t.device
         self.calls += 1
         rows = x_t.to(torch.float64).reshape(-1, self.mixture.dim)
-        ab = self.alphas_cumprod.to(x_t.device)[t].repeat_interleave(rows.shape[0] // x_t.shape[0])[:, None]
-        return rows, ab.sqrt(), (1.0 - ab).sqrt()
+        per_sample = rows.shape[0] // x_t.shape[0]
+        if self.process.discrete:
+            ab = self.process.alphas_cumprod.to(torch.float64).to(x_t.device)[t]
+            a, b = ab.sqrt(), (1.0 - ab).sqrt()
+        else:
+            a, b = self.process.alpha(t), self.process.sigma(t)
+        self._t = t
+        return rows, a.repeat_interleave(per_sample)[:, None], b.repeat_interleave(per_sample)[:, None]
 
     def _output(self, means: Tuple[torch.Tensor, torch.Tensor], a, b, x_t: torch.Tensor) -> torch.Tensor:
-        e_x0, e_eps = means
-        out = {"eps": e_eps, "x0": e_x0, "v": a * e_eps - b * e_x0}[self.kind]
-        return out.reshape(x_t.shape).to(x_t.dtype)
+        e_x0, e_eps = (m.reshape(x_t.shape) for m in means)
+        if self.kind == "eps":
+            return e_eps.to(x_t.dtype)
+        if self.kind == "x0":
+            return e_x0.to(x_t.dtype)
+        return self.objective.target(e_x0, e_eps, self.process, self._t).to(x_t.dtype)
 
 
 class ConditionalDenoiser(ExactDenoiser):
@@ -98,16 +114,16 @@ class ConditionalDenoiser(ExactDenoiser):
     the null class K (or y=None) is ``null``. ``from_mixture`` makes each component of a mixture a class and the
     whole mixture the null class: the data of a labelled Gaussian mixture."""
 
-    def __init__(self, schedule, classes: Sequence[GaussianMixture], null: GaussianMixture, kind: str = "eps"):
-        super().__init__(schedule, null, kind)
+    def __init__(self, process, classes: Sequence[GaussianMixture], null: GaussianMixture, kind: str = "eps"):
+        super().__init__(process, null, kind)
         if any(c.dim != null.dim for c in classes):
             raise ValueError("every class needs the dimension of the null class")
         self.classes, self.num_classes = list(classes), len(classes)
 
     @classmethod
-    def from_mixture(cls, schedule, mixture: GaussianMixture, kind: str = "eps") -> "ConditionalDenoiser":
+    def from_mixture(cls, process, mixture: GaussianMixture, kind: str = "eps") -> "ConditionalDenoiser":
         components = [GaussianMixture([1.0], [m.tolist()], [s.item()]) for m, s in zip(mixture.means, mixture.stds)]
-        return cls(schedule, components, mixture, kind)
+        return cls(process, components, mixture, kind)
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         rows, a, b = self._rows(x_t, t)

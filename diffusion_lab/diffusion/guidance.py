@@ -24,7 +24,7 @@ KEYS = ("guidance_scale", "guidance_interval", "guidance_rescale")  # sampler.* 
 
 @dataclass(frozen=True)
 class Guidance:
-    """The guidance settings: scale w, an optional timestep interval [lo, hi], the rescale factor phi."""
+    """The guidance settings: scale w, an optional interval [lo, hi] of process times, the rescale factor phi."""
 
     scale: float = 1.0
     interval: Optional[Tuple[int, int]] = None
@@ -32,7 +32,7 @@ class Guidance:
 
     def __post_init__(self):
         if self.interval is not None and (len(self.interval) != 2 or not 0 <= self.interval[0] <= self.interval[1]):
-            raise ValueError(f"guidance_interval must be null or [lo, hi] timesteps with 0 <= lo <= hi, "
+            raise ValueError(f"guidance_interval must be null or [lo, hi] times of the process with 0 <= lo <= hi, "
                              f"got {list(self.interval)}")
         if not 0.0 <= self.rescale <= 1.0:
             raise ValueError(f"guidance_rescale must be in [0, 1], got {self.rescale}")
@@ -41,7 +41,7 @@ class Guidance:
     def pop(cls, params: Dict[str, Any]) -> "Guidance":
         """The guidance keys of a sampler config (removed from ``params``), defaults for the missing ones."""
         interval = params.pop("guidance_interval", None)
-        return cls(float(params.pop("guidance_scale", 1.0)), None if interval is None else tuple(int(v) for v in interval),
+        return cls(float(params.pop("guidance_scale", 1.0)), None if interval is None else tuple(float(v) for v in interval),
                    float(params.pop("guidance_rescale", 0.0)))
 
     def scales(self, t: torch.Tensor) -> torch.Tensor:
@@ -89,9 +89,9 @@ class GuidedSampler:
     def __init__(self, sampler: Callable[..., torch.Tensor], guidance: Guidance):
         self.sampler, self.guidance = sampler, guidance
 
-    def __call__(self, model: Callable, schedule, objective, x_T: torch.Tensor, *, y: Optional[torch.Tensor] = None,
+    def __call__(self, model: Callable, process, objective, x_T: torch.Tensor, *, y: Optional[torch.Tensor] = None,
                  **runtime: Any) -> torch.Tensor:
         if y is not None:
             model = GuidedModel(model, y, self.guidance)
-        return self.sampler(model, schedule, objective, x_T, **runtime)
+        return self.sampler(model, process, objective, x_T, **runtime)
 

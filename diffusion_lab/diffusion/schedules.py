@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..registry import SCHEDULES
+from .processes import CLEAN, NoiseProcess
 
 
 def extract(values: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -23,11 +24,15 @@ def extract(values: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Ten
     return out.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
 
 
-class NoiseSchedule:
-    """All per-timestep constants of a discrete-time variance-preserving diffusion.
+class NoiseSchedule(NoiseProcess):
+    """All per-timestep constants of a discrete-time variance-preserving diffusion: the discrete noise process.
 
-    Computed in float64 from ``betas`` and stored as float32. Index t runs over 0..T-1.
+    Computed in float64 from ``betas`` and stored as float32. Index t runs over 0..T-1 and is the network's
+    noise-level input as it is (c_noise(t) = t), so discrete runs feed the U-Net the same values as always.
     """
+
+    discrete = True
+    variance_preserving = True
 
     def __init__(self, betas: torch.Tensor):
         betas = betas.to(torch.float64)
@@ -58,6 +63,43 @@ class NoiseSchedule:
         for name, value in f64.items():
             setattr(self, name, value.to(torch.float32))
         self.num_timesteps = int(betas.shape[0])
+        self.t_min, self.t_max = 0, self.num_timesteps - 1
+
+    # -- the process interface, on integer t ------------------------------------------------------
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return self._log_ab64(t).mul(0.5).exp()
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(-torch.expm1(self._log_ab64(t)))
+
+    def log_snr(self, t: torch.Tensor) -> torch.Tensor:
+        return log_snr(self)[torch.as_tensor(t, dtype=torch.long).cpu()]
+
+    def _log_ab64(self, t) -> torch.Tensor:
+        return log_alphas_cumprod(self)[torch.as_tensor(t, dtype=torch.long).cpu()]
+
+    def t_of_log_snr(self, lam: torch.Tensor) -> torch.Tensor:
+        """The timestep whose logSNR is nearest to lam (lambda decreases in t)."""
+        table = log_snr(self).to(lam.device)
+        return (table[None, :] - lam.to(torch.float64)[:, None]).abs().argmin(dim=1)
+
+    def from_log_snr(self, lam: torch.Tensor) -> torch.Tensor:
+        return self.t_of_log_snr(lam)
+
+    def c_noise(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def coefficients(self, t: torch.Tensor, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return extract(self.sqrt_alphas_cumprod, t, x), extract(self.sqrt_one_minus_alphas_cumprod, t, x)
+
+    def time_tensor(self, t, n: int, device) -> torch.Tensor:
+        return torch.full((n,), int(t), device=device, dtype=torch.long)
+
+    def points(self) -> "DiscretePoints":
+        return DiscretePoints(self)
+
+    def end_is_clean(self, t) -> bool:
+        return False
 
     @property
     def device(self) -> torch.device:
@@ -70,22 +112,45 @@ class NoiseSchedule:
                 setattr(self, name, value.to(device))
         return self
 
-    def add_noise(
-        self,
-        x0: torch.Tensor,
-        t: torch.Tensor,
-        noise: Optional[torch.Tensor] = None,
-        generator: Optional[torch.Generator] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Sample q(x_t | x0): x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps. Returns (x_t, eps)."""
-        if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        x_t = extract(self.sqrt_alphas_cumprod, t, x0) * x0 + extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
-        return x_t, noise
-
     def sample_timesteps(self, batch_size: int, device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """t ~ Uniform{0, ..., T-1}."""
         return torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=device)
+
+
+def log_alphas_cumprod(schedule: NoiseSchedule) -> torch.Tensor:
+    """log alpha_bar_t = sum_{s<=t} log(1 - beta_s) in float64 (-inf where alpha_bar = 0: zero terminal SNR), so
+    1 - alpha_bar = -expm1(log alpha_bar) keeps full precision where alpha_bar is close to 1 (small t)."""
+    betas, alphas = (v.detach().to("cpu", torch.float64) for v in (schedule.betas, schedule.alphas))
+    # both are stored in float32: log1p(-beta) is exact to float32 for small beta, log(alpha) for beta near 1
+    return torch.cumsum(torch.where(betas < 0.5, torch.log1p(-betas), torch.log(alphas)), 0)
+
+
+def log_snr(schedule: NoiseSchedule) -> torch.Tensor:
+    """lambda_t = log(alpha_t / sigma_t) = (log alpha_bar - log(1 - alpha_bar)) / 2, decreasing in t (float64)."""
+    log_ab = log_alphas_cumprod(schedule)
+    return 0.5 * (log_ab - torch.log(-torch.expm1(log_ab)))
+
+
+class DiscretePoints:
+    """alpha, sigma, lambda of a schedule's timesteps in float64; index CLEAN (-1) is clean data."""
+
+    variance_preserving = True
+
+    def __init__(self, schedule: NoiseSchedule):
+        self.log_ab_table = log_alphas_cumprod(schedule).tolist()
+
+    def log_ab(self, t: int) -> float:
+        return 0.0 if t == CLEAN else self.log_ab_table[t]
+
+    def alpha(self, t: int) -> float:
+        return 1.0 if t == CLEAN else math.exp(0.5 * self.log_ab_table[t])
+
+    def sigma(self, t: int) -> float:
+        return 0.0 if t == CLEAN else math.sqrt(-math.expm1(self.log_ab_table[t]))
+
+    def lam(self, t: int) -> float:
+        ab = self.log_ab_table[t] if t != CLEAN else None
+        return math.inf if t == CLEAN else 0.5 * (ab - math.log(-math.expm1(ab)))
 
 
 def _zero_terminal(betas: torch.Tensor) -> bool:

@@ -136,7 +136,8 @@ def forward_diffusion(x0: "torch.Tensor", schedules: Dict[str, object], timestep
             t = torch.tensor(list(timesteps))
             x_t, _ = schedule.to("cpu").add_noise(image.expand(len(t), *image.shape), t,
                                                   noise[i].expand(len(t), *image.shape))
-            rows[f"{name} #{i}"] = x_t
+            scale = schedule.input_scale(t)  # what the network sees: unit variance on a VE / EDM path
+            rows[f"{name} #{i}"] = x_t if scale is None else x_t * scale.float().view(-1, *([1] * image.dim()))
     return image_rows(rows, [f"t={t}" for t in timesteps], path, "forward diffusion q(x_t | x0)")
 
 

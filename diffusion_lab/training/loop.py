@@ -2,8 +2,8 @@
 the steps with their log points, checkpoints, sample grids and FID (`Loop`), and the run's last pictures and
 summary (`finish`).
 
-The loop only talks to interfaces: `schedule.add_noise`, `objective.loss`, `sampler(...)`; it does not know
-which schedule, objective, sampler or model it holds. Every write goes through `Outputs` (rank 0 only).
+The loop only talks to interfaces: `loss.sample_t` and `loss(...)`, `sampler(...)`; it draws and shards the
+noise and does not know which process, objective, sampler or model it holds. Every write goes through `Outputs` (rank 0 only).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..data.loader import ResumableLoader
 from ..diffusion.conditioning import balanced_labels, class_grid, training_labels
+from ..diffusion.losses import DiffusionLoss
 from ..diffusion.objectives import Objective
 from ..diffusion.samplers import Trajectory, num_evaluations
 from ..diffusion.schedules import NoiseSchedule
@@ -46,6 +47,11 @@ class Components:
     objective: Objective
     sampler: Callable[..., torch.Tensor]
     image_shape: tuple  # (channels, image_size, image_size)
+    loss: DiffusionLoss
+
+    def sample(self, net: torch.nn.Module, x_T: torch.Tensor, **runtime: Any) -> torch.Tensor:
+        """The configured sampler on ``net`` (seen in the process's coordinates) from unit noise x_T."""
+        return self.sampler(self.objective.network(net, self.schedule), self.schedule, self.objective, x_T, **runtime)
 
 
 class Diverged(RuntimeError):
@@ -81,19 +87,19 @@ class Run:
         """The objective's loss on this rank's part of the batch (images, labels). Timesteps, noise and label
         dropout are drawn for the whole global batch and sliced, so N ranks train exactly as one process on the
         combined batch."""
-        (x0, y), schedule, ranks = batch, self.parts.schedule, self.ranks
+        (x0, y), loss, ranks = batch, self.parts.loss, self.ranks
         n = x0.shape[0] * ranks.world_size
-        t = ranks.shard(schedule.sample_timesteps(n, self.device, self.noise_generator))
+        t = ranks.shard(loss.sample_t(n, self.device, self.noise_generator))
         eps = ranks.shard(torch.randn((n, *x0.shape[1:]), generator=self.noise_generator, device=self.device))
-        x_t, _ = schedule.add_noise(x0, t, eps)
         cond = training_labels(self.parts.model, y, self.cfg.train.cond_drop_prob, self.noise_generator, ranks)
-        return self.parts.objective.loss(self.forward(x_t, t, **cond), x0, eps, schedule, t)  # cond: {} or {"y"}
+        model = self.parts.objective.network(self.forward, self.parts.schedule)
+        return loss(model, x0, t, eps, **cond)  # cond: {} or {"y"}
 
     def generate(self, x_T: torch.Tensor, seed: int, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Samples of the EMA model from x_T with the configured sampler (a conditional model: labels y, by
         default every class in turn)."""
         y = balanced_labels(self.parts.model, x_T.shape[0], self.device) if y is None else y
-        return self.parts.sampler(self.ema.module, self.parts.schedule, self.parts.objective, x_T.to(self.device),
+        return self.parts.sample(self.ema.module, x_T.to(self.device),
                                   y=y, generator=torch.Generator(device=self.device).manual_seed(seed))
 
     def sample_grid(self) -> Tuple[torch.Tensor, Optional[int]]:
@@ -251,14 +257,19 @@ def sampler_options(cfg: DictConfig) -> Dict[str, Any]:
 def write_pictures(cfg: DictConfig, dataset, parts, sample_model: torch.nn.Module, x_T: torch.Tensor,
                    run_dir: Path) -> Dict[str, Path]:
     """forward_diffusion.png (linear vs cosine on the same images) and trajectory.png (x_t, x0_pred)."""
-    T = parts.schedule.num_timesteps
-    schedules = {name: SCHEDULES.build(name, noise_steps=T) for name in ("linear", "cosine")}
+    process = parts.schedule
+    if process.discrete:
+        T = process.num_timesteps
+        schedules = {name: SCHEDULES.build(name, noise_steps=T) for name in ("linear", "cosine")}
+        times = sorted({0, T // 20, T // 10, T // 5, 2 * T // 5, 7 * T // 10, T - 1})
+    else:
+        schedules = {process.name: process}
+        times = [round(process.t_min + f * (process.t_max - process.t_min), 4) for f in (0, .05, .1, .2, .4, .7, 1)]
     x0 = torch.stack([dataset[i] for i in range(3)])
-    strip = forward_diffusion(x0, schedules, sorted({0, T // 20, T // 10, T // 5, 2 * T // 5, 7 * T // 10, T - 1}),
-                              run_dir / "forward_diffusion.png", seed=cfg.seed)
-    nfe = num_evaluations(cfg.sampler.name, sampler_options(cfg), T)
+    strip = forward_diffusion(x0, schedules, times, run_dir / "forward_diffusion.png", seed=cfg.seed)
+    nfe = num_evaluations(cfg.sampler.name, sampler_options(cfg), process)
     trajectory = Trajectory(at=np.linspace(0, nfe - 1, min(nfe, 8)).round().astype(int).tolist())
-    parts.sampler(sample_model, parts.schedule, parts.objective, x_T,
+    parts.sample(sample_model, x_T,
                   generator=torch.Generator(device=x_T.device).manual_seed(cfg.seed), callback=trajectory)
     return {"forward_diffusion": strip, "trajectory": denoising_trajectory(trajectory, run_dir / "trajectory.png")}
 
