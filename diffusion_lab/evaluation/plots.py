@@ -138,7 +138,7 @@ def forward_diffusion(x0: "torch.Tensor", schedules: Dict[str, object], timestep
                                                   noise[i].expand(len(t), *image.shape))
             scale = schedule.input_scale(t)  # what the network sees: unit variance on a VE / EDM path
             rows[f"{name} #{i}"] = x_t if scale is None else x_t * scale.float().view(-1, *([1] * image.dim()))
-    return image_rows(rows, [f"t={t}" for t in timesteps], path, "forward diffusion q(x_t | x0)")
+    return image_rows(rows, [f"t={t:g}" for t in timesteps], path, "forward diffusion q(x_t | x0)")
 
 
 def denoising_trajectory(trajectory, path: Path, num_images: int = 4) -> Path:
@@ -149,7 +149,7 @@ def denoising_trajectory(trajectory, path: Path, num_images: int = 4) -> Path:
     for i in range(min(num_images, len(trajectory.x_t[0]))):
         rows[f"x_t #{i}"] = torch.stack([x[i] for x in trajectory.x_t])
         rows[f"x0_pred #{i}"] = torch.stack([x[i] for x in trajectory.x0_pred])
-    return image_rows(rows, [f"t={t}" for t in trajectory.timesteps], path, "denoising trajectory")
+    return image_rows(rows, [f"t={t:.4g}" for t in trajectory.timesteps], path, "denoising trajectory")
 
 
 def _setting(row: Dict) -> tuple:

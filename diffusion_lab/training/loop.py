@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.loader import ResumableLoader
+from ..diffusion import grids
 from ..diffusion.conditioning import balanced_labels, class_grid, training_labels
 from ..diffusion.losses import DiffusionLoss
 from ..diffusion.objectives import Objective
@@ -264,13 +265,16 @@ def write_pictures(cfg: DictConfig, dataset, parts, sample_model: torch.nn.Modul
         times = sorted({0, T // 20, T // 10, T // 5, 2 * T // 5, 7 * T // 10, T - 1})
     else:
         schedules = {process.name: process}
-        times = [round(process.t_min + f * (process.t_max - process.t_min), 4) for f in (0, .05, .1, .2, .4, .7, 1)]
+        times = [float(f"{t:.3g}") for t in sorted(grids.logsnr(process, 7).tolist())]  # even steps in logSNR
     x0 = torch.stack([dataset[i] for i in range(3)])
     strip = forward_diffusion(x0, schedules, times, run_dir / "forward_diffusion.png", seed=cfg.seed)
     nfe = num_evaluations(cfg.sampler.name, sampler_options(cfg), process)
     trajectory = Trajectory(at=np.linspace(0, nfe - 1, min(nfe, 8)).round().astype(int).tolist())
     parts.sample(sample_model, x_T,
                   generator=torch.Generator(device=x_T.device).manual_seed(cfg.seed), callback=trajectory)
+    scale = process.input_scale(torch.tensor(trajectory.timesteps, dtype=torch.float64))  # as the network sees x_t
+    if scale is not None:
+        trajectory.x_t = [x * float(c) for x, c in zip(trajectory.x_t, scale)]
     return {"forward_diffusion": strip, "trajectory": denoising_trajectory(trajectory, run_dir / "trajectory.png")}
 
 
