@@ -80,8 +80,8 @@ def test_pc_error_does_not_grow_from_20_to_50_nfe():
 
 
 def test_unknown_sampler_is_one_line():
-    with pytest.raises(ValueError, match="unknown sampler 'euler'; known: "):
-        sampler_settings("euler")
+    with pytest.raises(ValueError, match="unknown sampler 'euler_maruyama'; known: "):
+        sampler_settings("euler_maruyama")
 
 
 @pytest.mark.slow

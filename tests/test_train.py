@@ -230,7 +230,7 @@ def test_sweep_job_dir_passes_back_unquoted(tmp_path):
 
 
 @pytest.mark.parametrize("override,needle", [
-    ("schedule=cosin", "unknown schedule 'cosin'; known: cosine, linear"),
+    ("schedule=cosin", "unknown schedule 'cosin'; known: cosine, edm, flow, linear, ve, vp"),
     ("model=cifar model.dropout=2", "model.dropout"),
     ("train.batch_size=0", "train.batch_size"),
     ("data.image_size=6", "image_size"),
