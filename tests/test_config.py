@@ -53,6 +53,17 @@ def test_experiments_compose(experiment):
         assert (cfg.model.name, cfg.schedule.name, cfg.data.name) == ("cifar", "linear", "cifar10")
         assert (cfg.train.batch_size, cfg.train.lr, cfg.train.warmup_steps) == (128, 2e-4, 5000)
         assert (cfg.train.ema_decay, cfg.model.dropout, cfg.train.steps) == (0.9999, 0.1, 800000)
+    if experiment.startswith("edm_"):  # Karras et al. 2022: lognormal(-1.2, 1.2) levels, EDM weight, Heun
+        assert (cfg.schedule.name, cfg.objective.name, cfg.sampler.name) == ("edm", "edm", "edm")
+        assert (cfg.objective.P_mean, cfg.objective.P_std, cfg.objective.weighting) == (-1.2, 1.2, "edm")
+    if experiment.startswith("rectified_flow_"):  # Liu et al. 2023: uniform t, plain velocity MSE, Euler in t
+        assert (cfg.schedule.name, cfg.objective.name, cfg.sampler.name, cfg.sampler.grid) == (
+            "flow", "flow", "euler", "linspace")
+        assert (cfg.objective.density, cfg.objective.weighting) == ("uniform", "uniform")
+    if experiment.endswith("_digits"):  # the default run's data, network and training budget
+        default = compose_config([])
+        assert (cfg.data.name, cfg.model.name) == ("digits", default.model.name)
+        assert OmegaConf.to_container(cfg.train) == OmegaConf.to_container(default.train)
 
 
 @pytest.mark.parametrize("launcher,keys", [("joblib", ["n_jobs"]), ("submitit_slurm", ["partition", "timeout_min"])])
