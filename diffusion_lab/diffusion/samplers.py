@@ -159,13 +159,14 @@ def ddpm(model, process, objective, x_T, *, steps=None, variance="fixed_small", 
 
     x0_pred from the model (clamped when clip_x0), then x_{t-1} ~ N(coef1 x0_pred + coef2 x_t, var_t),
     var_t = posterior_variance ("fixed_small") or beta_t ("fixed_large"); no noise at t = 0. On a continuous
-    process: the same posterior q(x_s | x_t, x0_pred) over ``steps`` uniform times (default 1000), i.e. DDIM with
-    eta = 1 (Song et al. 2020, eq. 16); "fixed_large" needs the discrete betas.
+    process: the same posterior q(x_s | x_t, x0_pred) over ``steps`` times uniform in logSNR (default 1000; uniform t
+    would put almost every step at high noise on the edm path), i.e. DDIM with eta = 1 (Song et al. 2020, eq. 16);
+    "fixed_large" needs the discrete betas.
     """
     if not process.discrete:
         if variance != "fixed_small":
             raise ValueError("ddpm variance=fixed_large needs a discrete schedule's betas; use fixed_small")
-        return ddim(model, process, objective, x_T, steps=steps or CONTINUOUS_DDPM_STEPS, eta=1.0, grid="linspace",
+        return ddim(model, process, objective, x_T, steps=steps or CONTINUOUS_DDPM_STEPS, eta=1.0, grid="logsnr",
                     clip_x0=clip_x0, clamp_final=clamp_final, generator=generator, progress=progress,
                     callback=callback)
     T = process.num_timesteps
