@@ -75,7 +75,7 @@ def test_console_scripts_complete_config_groups(installed, tmp_path):
                    "diffusion-lab-compare", "diffusion-lab-sampler-lab", "diffusion-lab-metric-check"):
         assert (installed / "bin" / script).is_file(), script
     assert sorted(complete(installed, "diffusion-lab-train", "diffusion-lab-train schedule=", tmp_path)) == [
-        "schedule=cosine", "schedule=linear"]
+        "schedule=cosine", "schedule=edm", "schedule=flow", "schedule=linear", "schedule=ve", "schedule=vp"]
     assert "objective=" in complete(installed, "diffusion-lab-train", "diffusion-lab-train schedule=cosine obj",
                                     tmp_path)
     assert "sampler=heun" in complete(installed, "diffusion-lab-sample", "diffusion-lab-sample sampler=h", tmp_path)
