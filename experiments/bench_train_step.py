@@ -24,6 +24,8 @@ from typing import Callable, Dict, List
 
 import torch
 
+from diffusion_lab import models  # noqa: F401  (registers the U-Nets)
+from diffusion_lab.diffusion import objectives, processes, schedules  # noqa: F401  (register themselves)
 from diffusion_lab.diffusion.losses import DiffusionLoss
 from diffusion_lab.registry import MODELS, OBJECTIVES, SCHEDULES
 from diffusion_lab.training.ema import EMA
