@@ -66,7 +66,7 @@ def test_benchmark_runs_on_a_tiny_budget():
     kd_euler = next(r for r in rows if r["who"] == "k-diffusion" and (r["name"], r["grid"]) == ("euler", "karras"))
     our_euler = next(r for r in rows if r["who"] == "ours" and (r["name"], r["grid"], r["process"]) ==
                      ("euler", "karras", "edm"))
-    assert kd_euler["sw"] == pytest.approx(our_euler["sw"], rel=1e-9)  # the same algorithm on the same x_T
+    assert kd_euler["sw"] == pytest.approx(our_euler["sw"], rel=1e-6)  # same algorithm, same x_T; their sigmas are float32
     assert all(math.isfinite(r["sw"]) for r in rows if r["name"] in ("euler", "dpm_solver", "dpmpp_2m"))
     text = bench.markdown(bench.summarise(rows))
     assert "edm, NFE budget 3" in text and "ours beating both" in text
