@@ -288,15 +288,9 @@ def _pf_ode_step(model, process, objective, p, x_t, x0_pred, t, t_next, n: int, 
 def heun(model, process, objective, x_T, *, steps=10, grid="karras", clip_x0=False, clamp_final=True,
          generator=None, progress=False, callback=None):
     """Heun's 2nd-order ODE solver (Karras et al. 2022, "EDM", Algorithm 1) on any process (``_pf_ode_step``);
-    the last step, to sigma = 0, is Euler alone. 2 * steps - 1 model evaluations."""
-    ts = _grid(process, grid, steps, True) + [CLEAN]
-    p, x_t, n = process.points(), _start(process, ts[0], x_T), 0
-    for i, t in enumerate(tqdm(ts[:-1], disable=not progress)):
-        x0_pred, _ = _evaluate(model, process, objective, x_t, n, t, clip_x0, callback)
-        x_t, extra = _pf_ode_step(model, process, objective, p, x_t, x0_pred, t, ts[i + 1], n + 1, True, clip_x0,
-                                  callback)
-        n += 1 + extra
-    return _finish(x_t, clamp_final)
+    the last step, to sigma = 0, is Euler alone. 2 * steps - 1 model evaluations. It is ``edm`` without churn."""
+    return edm(model, process, objective, x_T, steps=steps, grid=grid, S_churn=0.0, clip_x0=clip_x0,
+               clamp_final=clamp_final, generator=generator, progress=progress, callback=callback)
 
 
 @register("euler", to_zero=True)
