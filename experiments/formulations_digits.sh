@@ -18,6 +18,7 @@ SEEDS=("$@")
 (( ${#SEEDS[@]} )) || SEEDS=(0 1 2)
 for seed in "${SEEDS[@]}"; do
   for f in default rectified_flow_digits edm_digits; do
+    [[ -f "$OUT/eval_${f}_s$seed/fid_vs_cost.csv" ]] && continue  # done in an earlier call: rerunning resumes
     exp=(); [[ $f == default ]] || exp=("experiment=$f")
     python -m diffusion_lab.train "${exp[@]}" seed="$seed" logger=none eval.every=0 hydra.run.dir="$OUT/${f}_s$seed" > "$OUT/${f}_s$seed.log" 2>&1
     python -m diffusion_lab.evaluate checkpoint="$OUT/${f}_s$seed" "samplers=${SAMPLERS[$f]}" hydra.run.dir="$OUT/eval_${f}_s$seed" > "$OUT/eval_${f}_s$seed.log" 2>&1
