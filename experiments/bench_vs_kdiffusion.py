@@ -2,12 +2,13 @@
 lab's exact 2-D mixture.
 
     PYTHONPATH=.:/work/peers python experiments/bench_vs_kdiffusion.py [--n 4000] [--seeds 0 1 2] [--nfe 5 8 10 20]
+        [--sigma-min 0.002] [--processes edm flow]
 
 Every sampler gets the same exact model of the lab's default mixture (conf/sampler_lab.yaml), the same x_T per seed
 and the same scores (diffusion_lab.sampler_lab: sliced W2 "sw", spread error, mode weight error); per budget each
 sampler runs the most steps whose model evaluations (NFE, counted on the model) fit.
 
-  schedule=edm  (EDMProcess, sigma 0.002..80), model D(x, sigma) = E[x0 | x] (ExactDenoiser kind "x0", t = sigma).
+  schedule=edm  (EDMProcess, sigma sigma_min..80; --sigma-min moves where both sides' grids end, default EDM's 0.002), model D(x, sigma) = E[x0 | x] (ExactDenoiser kind "x0", t = sigma).
                 k-diffusion: sample_euler, heun, dpm_2, lms, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m_sde on get_sigmas_karras
                 (rho 7) and get_sigmas_exponential; ours: euler, heun, edm, dpm_solver, dpm_solver_3m, ddim on the
                 karras and logsnr grids.
@@ -23,12 +24,14 @@ Peers, kept out of the project's environment:
   flow_matching: pip install flow-matching into a separate venv or --target dir (``pip install --no-deps --target
     /work/peers flow-matching``) and put that dir on PYTHONPATH: its wheel ships a top-level ``tests`` package
     that shadows ours, so never install it into the project's environment.
-Writes experiments/results/bench_vs_kdiffusion.csv (one row per seed) and .md (the tables).
+Writes experiments/results/bench_vs_kdiffusion.csv (one row per seed) and .md (the tables), atomically; with a
+--sigma-min other than 0.002 the files are named bench_vs_kdiffusion_sigma_min_<value>.{csv,md}.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import importlib.util
 import statistics
 import sys
@@ -39,6 +42,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from omegaconf import OmegaConf
 
+from diffusion_lab import files
 from diffusion_lab.config import CONF_DIR
 from diffusion_lab.diffusion.samplers import build_sampler, steps_for
 from diffusion_lab.registry import OBJECTIVES, SCHEDULES
@@ -85,11 +89,11 @@ def most_steps(cost: Callable[[int], int], budget: int) -> int:
     return steps
 
 
-def kdiffusion_sampler(k, name: str, grid: str, steps: int) -> Callable:
+def kdiffusion_sampler(k, name: str, grid: str, steps: int, sigma_min: float = SIGMA_MIN) -> Callable:
     """k-diffusion's sample_<name> on its <grid> sigmas, with the shared sampler call (x_T unit noise)."""
     fn, stochastic = getattr(k, f"sample_{name}"), KDIFFUSION[name][1]
-    make = {"karras": lambda: k.get_sigmas_karras(steps, SIGMA_MIN, SIGMA_MAX, rho=RHO),
-            "exponential": lambda: k.get_sigmas_exponential(steps, SIGMA_MIN, SIGMA_MAX)}[grid]
+    make = {"karras": lambda: k.get_sigmas_karras(steps, sigma_min, SIGMA_MAX, rho=RHO),
+            "exponential": lambda: k.get_sigmas_exponential(steps, sigma_min, SIGMA_MAX)}[grid]
 
     def sample(model, process, objective, x_T, generator=None):
         sigmas = make().to(torch.float64)
@@ -116,7 +120,7 @@ def flow_matching_sampler(method: str, steps: int) -> Callable:
     return sample
 
 
-def entries(process_name: str, budget: int, k=None, flow_peer: bool = True) -> List[Dict]:
+def entries(process_name: str, budget: int, k=None, flow_peer: bool = True, sigma_min: float = SIGMA_MIN) -> List[Dict]:
     """Every (who, name, grid, steps, sampler) to run at one NFE budget."""
     names, grids, _ = OURS[process_name]
     out = [dict(who="ours", name=n, grid=g, steps=steps_for(n, budget),
@@ -127,7 +131,7 @@ def entries(process_name: str, budget: int, k=None, flow_peer: bool = True) -> L
             for grid in ("karras", "exponential"):
                 s = most_steps(cost, budget)
                 out.append(dict(who="k-diffusion", name=name, grid=grid, steps=s,
-                                sampler=kdiffusion_sampler(k, name, grid, s)))
+                                sampler=kdiffusion_sampler(k, name, grid, s, sigma_min)))
     if process_name == "flow" and flow_peer:
         for method, cost in FLOW_MATCHING.items():
             s = most_steps(cost, budget)
@@ -137,16 +141,18 @@ def entries(process_name: str, budget: int, k=None, flow_peer: bool = True) -> L
 
 
 def bench(process_name: str, nfes: Sequence[int], n: int, seeds: Sequence[int], k=None,
-          flow_peer: bool = True) -> List[Dict]:
-    """One row per (seed, budget, sampler): the three errors, NFE used (counted) and the seed's noise floor."""
-    process, objective = SCHEDULES.build(process_name), OBJECTIVES.build(OURS[process_name][2])
+          flow_peer: bool = True, sigma_min: float = SIGMA_MIN) -> List[Dict]:
+    """One row per (seed, budget, sampler): the three errors, NFE used (counted) and the seed's noise floor; on edm
+    both sides' grids end at `sigma_min` (ours through the process's own sigma_min, k-diffusion's sigmas)."""
+    options = {"sigma_min": sigma_min} if process_name == "edm" else {}
+    process, objective = SCHEDULES.build(process_name, **options), OBJECTIVES.build(OURS[process_name][2])
     m = LAB.mixture
     mixture = make_mixture(m.dim, m.components, m.width, m.spread, m.seed)
     rows = []
     for seed in seeds:
         truth = Truth.draw(mixture, n, LAB.projections, seed)
         for budget in nfes:
-            for e in entries(process_name, budget, k, flow_peer):
+            for e in entries(process_name, budget, k, flow_peer, sigma_min):
                 result = run_sampler(e.pop("sampler"), process, objective, truth, n, seed)
                 result.pop("spread_ratios")
                 rows.append(dict(result, **e, process=process_name, budget=budget, seed=seed,
@@ -214,15 +220,17 @@ def markdown(summary: List[Dict]) -> str:
     return "\n".join(lines)
 
 
-def write(rows: List[Dict], text: str, out: Path) -> None:
+def write(rows: List[Dict], text: str, out: Path, stem: str = "bench_vs_kdiffusion") -> None:
+    """<stem>.csv (one row per seed) and <stem>.md (the tables), each written atomically."""
     out.mkdir(parents=True, exist_ok=True)
     fields = ["process", "budget", "seed", "who", "name", "grid", "steps", "nfe_used", *METRICS,
               *(f"{m}_floor" for m in METRICS)]
-    with open(out / "bench_vs_kdiffusion.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows({k: r[k] for k in fields} for r in rows)
-    (out / "bench_vs_kdiffusion.md").write_text(text + "\n")
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: r[k] for k in fields} for r in rows)
+    files.write_text(out / f"{stem}.csv", table.getvalue())
+    files.write_text(out / f"{stem}.md", text + "\n")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -231,14 +239,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--nfe", type=int, nargs="+", default=[5, 8, 10, 20])
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--sigma-min", type=float, default=SIGMA_MIN, help="where both sides' edm grids end")
+    parser.add_argument("--processes", nargs="+", choices=["edm", "flow"], default=["edm", "flow"])
     args = parser.parse_args(argv)
-    k = load_kdiffusion_sampling()
-    rows = bench("edm", args.nfe, args.n, args.seeds, k) + bench("flow", args.nfe, args.n, args.seeds)
-    text = (f"n = {args.n} samples, seeds {args.seeds}; each cell: mean over seeds (min-max); sorted by sw\n"
-            + markdown(summarise(rows)))
+    k = load_kdiffusion_sampling() if "edm" in args.processes else None
+    rows = [row for name in args.processes
+            for row in bench(name, args.nfe, args.n, args.seeds, k, sigma_min=args.sigma_min)]
+    text = (f"n = {args.n} samples, seeds {args.seeds}; edm grids of both sides end at sigma_min = {args.sigma_min:g};"
+            f" each cell: mean over seeds (min-max); sorted by sw\n" + markdown(summarise(rows)))
     print(text)
-    write(rows, text, args.out)
-    print(f"\nwrote {args.out / 'bench_vs_kdiffusion.csv'} and .md")
+    stem = "bench_vs_kdiffusion" + ("" if args.sigma_min == SIGMA_MIN else f"_sigma_min_{args.sigma_min:g}")
+    write(rows, text, args.out, stem)
+    print(f"\nwrote {args.out / stem}.csv and .md")
 
 
 if __name__ == "__main__":
