@@ -3,7 +3,7 @@
 # experiment=rectified_flow_digits at the default budget, one training at a time, then `evaluate` at 5/10/20 NFE.
 #   bash experiments/formulations_digits.sh [SEEDS...]      (default: 0 1 2; ~5-9 min per training on a busy 2-core CPU)
 # Run dirs go to outputs/formulations/<formulation>_s<seed>, evaluations to eval_<formulation>_s<seed>; then
-#   python experiments/formulations_table.py outputs/formulations --plot docs/formulations_fid_vs_nfe.png
+# `compare` prints FID against NFE over seeds with Welch's t-tests and draws compare_fid_vs_nfe.png there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=outputs/formulations
@@ -24,4 +24,4 @@ for seed in "${SEEDS[@]}"; do
     python -m diffusion_lab.evaluate checkpoint="$OUT/${f}_s$seed" "samplers=${SAMPLERS[$f]}" hydra.run.dir="$OUT/eval_${f}_s$seed" > "$OUT/eval_${f}_s$seed.log" 2>&1
   done
 done
-python experiments/formulations_table.py "$OUT"
+python -m diffusion_lab.compare "$OUT"

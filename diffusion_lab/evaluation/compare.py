@@ -8,6 +8,8 @@ setting: the settings table gives mean +- standard error and n of best
 FID, final FID and final loss, sorted by best FID, and says which differences between settings are beyond
 seed noise (Welch's t-test). A per-run table follows. images/s counts training steps only. Writes
 compare_loss.png, compare_fid.png (with the noise floor; one per group) and compare.csv (one row per run).
+`evaluate` dirs found under the same paths add FID against model evaluations over seeds (evaluation/cost.py):
+a table with 95% intervals, Welch's t-tests at each NFE, compare_fid_vs_nfe.png and compare_nfe.csv.
 """
 from __future__ import annotations
 
@@ -25,8 +27,10 @@ from .. import console
 from ..config.early import CommandParser
 from ..errors import fail
 from ..files import first_line, write_text
+from . import cost
 from .plots import plot_curves, smooth
 from .runs import Found, Run, scan, under
+from .seeds import welch
 
 METRICS = ("best_fid", "final_fid", "final_loss")
 RESULTS = {"final loss": "final_loss", "best FID": "best_fid", "final FID": "final_fid", "FID floor": "fid_floor",
@@ -35,6 +39,7 @@ SEED = "seed"  # runs that differ only in this key are one setting
 ALPHA = 0.05  # significance level of the Welch's t-tests between settings
 SMOOTH_ABOVE = 50  # loss curves with more points than this are EMA-smoothed
 DATA = ("data",)  # config keys (and prefixes) that decide what the images and the FID reference are
+TRAINING_ONLY = ("sampler", "eval", "logger", "guidance")  # what a training run samples and logs with, not what evaluate scores
 FID_CONFIG = (*DATA, "eval.mode", "eval.feature_extractor", "eval.num_samples", "eval.reference", "eval.fallback")
 
 
@@ -133,16 +138,6 @@ def settings(runs: Sequence[Run], keys: Sequence[str], pool: Sequence[str] = ())
         values = {k: run.config.get(k) for k in keys}
         groups.setdefault(_key(values), Setting(values, [])).runs.append(run)
     return list(groups.values())
-
-
-def welch(a: np.ndarray, b: np.ndarray) -> Optional[float]:
-    """Two-sided p-value of Welch's t-test (unequal variances); None when a side has fewer than two values."""
-    from scipy import stats
-
-    if len(a) < 2 or len(b) < 2:
-        return None
-    p = stats.ttest_ind(a, b, equal_var=False).pvalue
-    return None if math.isnan(p) else float(p)
 
 
 def _mean_se(stats: Tuple[Optional[float], Optional[float], int], fmt: str) -> str:
@@ -318,21 +313,30 @@ def found_lines(found: Found) -> List[str]:
     return lines
 
 
-def compare(paths: Sequence[Path], out: Optional[Path] = None, metric: str = "best_fid",
-            pool: Sequence[str] = ()) -> Dict[str, Any]:
-    """Print the skipped dirs, then per group of comparable runs the settings table, the noise statements and
-    the per-run table, and the FID label; write plots and csv into `out` (default: the first path)."""
-    found = scan(paths)
-    out = Path(out or paths[0])
-    if found.runs:
-        out.mkdir(parents=True, exist_ok=True)
-        console.log_to(out, "compare")  # compare.log: every line printed here
-    for line in found_lines(found):
-        console.info(line)
-    if not found.runs:
-        where = ", ".join(map(str, paths))
-        skipped = f" ({len(found.skipped)} skipped, see above)" if found.skipped else ""
-        raise FileNotFoundError(f"no training runs (config.yaml + metrics.jsonl) under {where}{skipped}")
+def cost_report(evaluations: Sequence[cost.Evaluation], out: Path) -> Dict[str, Any]:
+    """FID against NFE over seeds of the evaluate dirs: per FID label a table, the noise statements and a plot
+    (compare_fid_vs_nfe.png, numbered when labels differ); compare_nfe.csv with every FID."""
+    keys = [k for k in differing_keys([ev.run for ev in evaluations]) if k != SEED and not under(k, TRAINING_ONLY)]
+    last = [k.split(".")[-1] for k in keys]
+    short = [s if last.count(s) == 1 else k for k, s in zip(keys, last)]  # keys by their last part when unique
+    by_label = cost.points(evaluations, lambda run: ", ".join(f"{s}={_show(run.config.get(k))}"
+                                                              for k, s in zip(keys, short)))
+    texts, plots = [], []
+    for number, (label, found) in enumerate(by_label.items(), start=1):
+        lines = cost.statements(found)
+        texts.append("\n".join([f"== FID against model evaluations: FID = {label or 'no label'} ==",
+                                 cost.table(found), "", f"Welch's t-test against the lowest mean at each NFE "
+                                 f"(two-sided, alpha {cost.ALPHA}, no correction for multiple comparisons):", *lines]))
+        name = "compare_fid_vs_nfe.png" if len(by_label) == 1 else f"compare_fid_vs_nfe_{number}.png"
+        floors = [ev.floor for ev in evaluations if ev.label == label and ev.floor is not None]
+        plots.append(cost.plot(found, floors, out / name, label))
+        console.say(texts[-1] + "\n")
+    csv_path = cost.write_csv(by_label, out / "compare_nfe.csv")
+    return {"points": by_label, "text": "\n\n".join(texts), "plots": plots, "csv": csv_path}
+
+
+def _train_report(found: Found, out: Path, metric: str, pool: Sequence[str]) -> Dict[str, Any]:
+    """The training runs' settings tables, noise statements, per-run tables, plots and compare.csv."""
     runs, groups = found.runs, comparable(found.runs)
     reports = [report(g.runs, metric, pool) for g in groups]
     for group, shown in zip(groups, reports):
@@ -345,21 +349,51 @@ def compare(paths: Sequence[Path], out: Optional[Path] = None, metric: str = "be
     if len(plots) == 1:
         console.info("no run has FID values: compare_fid.png skipped")
     csv_path = write_csv(groups, keys, metric, out / "compare.csv")
-    console.info(f"wrote {', '.join(p.name for p in [*plots, csv_path])} to {out}")
     return {"table": "\n\n".join(r["table"] for r in reports),
             "settings_table": "\n\n".join(r["settings_table"] for r in reports),
             "statements": [line for r in reports for line in r["statements"]],
             "settings": [s for r in reports for s in r["settings"]], "groups": groups, "reports": reports,
-            "skipped": found.skipped, "fid_labels": fid_labels(runs), "plots": plots, "csv": csv_path, "runs": runs}
+            "fid_labels": fid_labels(runs), "plots": plots, "csv": csv_path, "runs": runs}
+
+
+def compare(paths: Sequence[Path], out: Optional[Path] = None, metric: str = "best_fid",
+            pool: Sequence[str] = ()) -> Dict[str, Any]:
+    """Print the skipped dirs, then per group of comparable runs the settings table, the noise statements and
+    the per-run table, and the FID label; then, for `evaluate` dirs, FID against NFE over seeds; write plots and
+    csv files into `out` (default: the first path)."""
+    found = scan(paths)
+    evaluations, unread = cost.find_evaluations(paths, found.runs)
+    out = Path(out or paths[0])
+    if found.runs or evaluations:
+        out.mkdir(parents=True, exist_ok=True)
+        console.log_to(out, "compare")  # compare.log: every line printed here
+    for line in found_lines(found) + [f"skipped {s.path}: {s.reason}" for s in unread]:
+        console.info(line)
+    if not found.runs and not evaluations:
+        where = ", ".join(map(str, paths))
+        skipped = len(found.skipped) + len(unread)
+        raise FileNotFoundError(f"no training runs (config.yaml + metrics.jsonl) or evaluate results ({cost.RESULT}) "
+                                f"under {where}" + (f" ({skipped} skipped, see above)" if skipped else ""))
+    result = {"table": "", "settings_table": "", "statements": [], "settings": [], "groups": [], "reports": [],
+              "fid_labels": [], "plots": [], "csv": None, "runs": found.runs}
+    if found.runs:
+        result.update(_train_report(found, out, metric, pool))
+    if evaluations:
+        result["cost"] = cost_report(evaluations, out)
+        result["plots"] = [*result["plots"], *result["cost"]["plots"]]
+    written = [p for p in [*result["plots"], result["csv"], result.get("cost", {}).get("csv")] if p]
+    console.info(f"wrote {', '.join(p.name for p in written)} to {out}")
+    return dict(result, skipped=[*found.skipped, *unread])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = CommandParser("python -m diffusion_lab.compare", "tables and two plots for a set of runs (settings with "
-                           "mean +- s.e. over seeds, a per-run table, compare_loss.png, compare_fid.png, compare.csv).",
+    parser = CommandParser("python -m diffusion_lab.compare", "tables and plots for a set of runs (settings with "
+                           "mean +- s.e. over seeds, a per-run table, compare_loss.png, compare_fid.png, compare.csv) "
+                           "and, for evaluate dirs, FID against NFE over seeds (compare_fid_vs_nfe.png).",
                            ["SWEEP_DIR [MORE_DIRS...]  (sweep dirs, run dirs, or any dir above them)",
                             "--metric final_loss  (sort and test by another metric than best_fid)",
                             "--pool model.dropout  (pool over a key like over seeds)"])
-    parser.add_argument("paths", nargs="+", type=Path, help="sweep dirs, run dirs, or any dir above them")
+    parser.add_argument("paths", nargs="+", type=Path, help="sweep dirs, run dirs, evaluate dirs, or any dir above them")
     parser.add_argument("--out", type=Path, help="where the plots and compare.csv go (default: the first path)")
     parser.add_argument("--metric", choices=METRICS, default="best_fid",
                         help="sort by this and test it between settings (losses of different schedules or "
