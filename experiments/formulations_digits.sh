@@ -18,10 +18,12 @@ SEEDS=("$@")
 (( ${#SEEDS[@]} )) || SEEDS=(0 1 2)
 for seed in "${SEEDS[@]}"; do
   for f in default rectified_flow_digits edm_digits; do
-    [[ -f "$OUT/eval_${f}_s$seed/fid_vs_cost.csv" ]] && continue  # done in an earlier call: rerunning resumes
     exp=(); [[ $f == default ]] || exp=("experiment=$f")
-    python -m diffusion_lab.train "${exp[@]}" seed="$seed" logger=none eval.every=0 hydra.run.dir="$OUT/${f}_s$seed" > "$OUT/${f}_s$seed.log" 2>&1
-    python -m diffusion_lab.evaluate checkpoint="$OUT/${f}_s$seed" "samplers=${SAMPLERS[$f]}" hydra.run.dir="$OUT/eval_${f}_s$seed" > "$OUT/eval_${f}_s$seed.log" 2>&1
+    [[ -f "$OUT/${f}_s$seed/summary.json" ]] ||  # trained in an earlier call: a rerun resumes
+      python -m diffusion_lab.train "${exp[@]}" seed="$seed" logger=none eval.every=0 hydra.run.dir="$OUT/${f}_s$seed" > "$OUT/${f}_s$seed.log" 2>&1
+    # the samples are drawn with the training seed too: one network's FID moves by about +-4 with the sample noise alone
+    [[ -f "$OUT/eval_${f}_s$seed/fid_vs_cost.csv" ]] ||
+      python -m diffusion_lab.evaluate checkpoint="$OUT/${f}_s$seed" seed="$seed" "samplers=${SAMPLERS[$f]}" hydra.run.dir="$OUT/eval_${f}_s$seed" > "$OUT/eval_${f}_s$seed.log" 2>&1
   done
 done
 python -m diffusion_lab.compare "$OUT"
