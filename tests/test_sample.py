@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 from diffusion_lab.config.trained import load_trained
 from diffusion_lab.evaluate import evaluate
+from diffusion_lab.evaluation import cost
 from diffusion_lab.sample import sample
 from diffusion_lab.train import train
 from diffusion_lab.training import checkpoint
@@ -63,6 +64,9 @@ def test_evaluate_fid_against_cost(checkpoints, tmp_path):
     assert len(saved["rows"]) == 3 and "digits classifier" in saved["label"] and saved["floor_n"] == 16
     assert all(r["fid_floor"] == saved["floor"] for r in rows)
     assert (tmp_path / "fid_vs_cost.png").stat().st_size > 0 and (tmp_path / "fid_vs_cost.csv").is_file()
+    scored = cost.read_evaluation(tmp_path, {})  # what compare reads of it: the run it scored and its rows
+    assert scored.label == saved["label"] and [r["nfe"] for r in scored.rows] == [2, 4, 3]
+    assert (scored.run.path / "config.yaml").is_file() and scored.run.config["objective"] == "v"
 
 
 @pytest.mark.slow

@@ -54,12 +54,15 @@ class Point:
 
 def _run_dir(checkpoint: str, where: Path) -> Path:
     """The training run dir a checkpoint names: as written (relative to here), else relative to a dir above the
-    evaluate dir (the command was run from there); a checkpoint file stands for its dir."""
+    evaluate dir (the command was run from there); a checkpoint file stands for the nearest dir above it that
+    holds a config.yaml (RUN_DIR/checkpoints/last.pt -> RUN_DIR)."""
     path = Path(checkpoint)
     candidates = [path] if path.is_absolute() else [path, *(parent / path for parent in where.resolve().parents)]
     for candidate in candidates:
+        if candidate.is_file():
+            return next((d for d in list(candidate.parents)[:2] if (d / "config.yaml").is_file()), candidate.parent)
         if candidate.exists():
-            return candidate.parent if candidate.is_file() else candidate
+            return candidate
     raise BadRun(f"its checkpoint {checkpoint} is not found (from here or from a dir above it)")
 
 
