@@ -8,12 +8,14 @@ names the file, instead of failing on it.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import socket
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, List, Tuple
+from typing import IO, Any, Callable, Dict, List, Sequence, Tuple
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -102,6 +104,15 @@ def write_text(path: Path, text: str) -> None:
 def write_json(path: Path, value: Any) -> None:
     """Replace `path` with `value` as indented JSON, atomically."""
     write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def write_csv(path: Path, rows: Sequence[Dict[str, Any]], fieldnames: Sequence[str]) -> None:
+    """Replace `path` with `rows` as CSV (the `fieldnames` columns, others ignored), atomically."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(fieldnames), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, text.getvalue())
 
 
 def append_line(path: Path, line: str) -> None:

@@ -12,7 +12,6 @@ from .config.early import answer_early
 
 answer_early("sample", "sample")  # --help and shell completion answer here, before torch is imported
 
-import json
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import console
+from . import console, files
 from .config import CONF_DIR
 from .config.build import build_sampler, resolve_device
 from .config.preflight import checked_main, run_command
@@ -91,7 +90,7 @@ def sample(cfg: DictConfig, run_dir: Path) -> dict:
     summary["wandb"] = log_linked_run(OmegaConf.to_container(trained.config), trained.source, "sample", run_dir,
                                       OmegaConf.to_container(cfg), {"num_samples": num_samples, **values},
                                       {"grid": run_dir / "grid.png"})
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    files.write_json(run_dir / "summary.json", summary)
     console.info(f"wrote {run_dir / 'grid.png'} and {run_dir / 'samples.npz'} ({num_samples} images)")
     return summary
 

@@ -19,7 +19,6 @@ from .config.early import answer_early
 
 answer_early("sampler_lab", "sampler_lab")  # --help and shell completion answer here, before torch is imported
 
-import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import console
+from . import console, files
 from .config import CONF_DIR, trained
 from .config.build import build_objective, build_schedule
 from .config.preflight import checked_main, run_command
@@ -197,10 +196,7 @@ def lab(cfg: DictConfig, run_dir: Path) -> List[Dict]:
     """Run the lab, print the table, write the CSV and the plot."""
     rows = lab_rows(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "sampler_lab.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows({k: r[k] for k in FIELDS} for r in rows)
+    files.write_csv(run_dir / "sampler_lab.csv", rows, FIELDS)
     plot(rows, run_dir / "sampler_lab.png")
     lines = [f"{'sampler':<16} {'grid':<10} {'steps':>5} {'NFE':>4} {'mode err':>9} {'spread err':>10} {'SW':>8}   "
              f"({cfg.schedule.name}, n={cfg.n})",

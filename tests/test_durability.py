@@ -107,6 +107,16 @@ def test_summary_and_config_are_replaced_whole(tmp_path):
     assert (tmp_path / "summary.json").read_bytes() == summary
 
 
+def test_a_csv_is_replaced_whole_with_its_columns_only(tmp_path):
+    path = tmp_path / "table.csv"
+    files.write_csv(path, [{"a": 1, "b": 2, "extra": 3}, {"a": 4, "b": 5}], ["a", "b"])
+    assert path.read_text() == "a,b\n1,2\n4,5\n"
+    before = path.read_bytes()
+    with file_size_limit(100), pytest.raises(files.WriteError, match="table.csv"):
+        files.write_csv(path, [{"a": "x" * 1000, "b": 0}], ["a", "b"])
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["table.csv"]
+
+
 def test_a_log_file_that_cannot_be_written_is_one_line_not_a_traceback(tmp_path, capsys):
     progress.log_to(tmp_path)
     handler = next(h for h in progress.log.handlers if isinstance(h, logging.FileHandler))

@@ -8,7 +8,6 @@ its own columns (FID and FID / floor); the digits classifier adds its classifier
 """
 from __future__ import annotations
 
-import csv
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -16,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .. import console
+from .. import console, files
 from ..config.early import CommandParser
 from ..data.datasets import digits
 from .features import digits_classifier
@@ -105,11 +104,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     console.log_to(args.out, "metric_check")  # metric_check.log: every line printed here
     rows = metric_table(args.n, chosen)
     text = markdown(rows)
-    (args.out / "metric_check.md").write_text(text + "\n")
-    with open(args.out / "metric_check.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[c for c in rows[0] if c != "reference"], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    files.write_text(args.out / "metric_check.md", text + "\n")
+    files.write_csv(args.out / "metric_check.csv", rows, [c for c in rows[0] if c != "reference"])
     console.say(text)
     console.info(f"wrote {args.out / 'metric_check.md'} and {args.out / 'metric_check.csv'}")
 
