@@ -30,8 +30,6 @@ Writes experiments/results/bench_vs_kdiffusion.csv (one row per seed) and .md (t
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import importlib.util
 import statistics
 import sys
@@ -225,11 +223,7 @@ def write(rows: List[Dict], text: str, out: Path, stem: str = "bench_vs_kdiffusi
     out.mkdir(parents=True, exist_ok=True)
     fields = ["process", "budget", "seed", "who", "name", "grid", "steps", "nfe_used", *METRICS,
               *(f"{m}_floor" for m in METRICS)]
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: r[k] for k in fields} for r in rows)
-    files.write_text(out / f"{stem}.csv", table.getvalue())
+    files.write_csv(out / f"{stem}.csv", rows, fields)
     files.write_text(out / f"{stem}.md", text + "\n")
 
 

@@ -6,8 +6,6 @@ FID per seed; points of different FID labels (sample size, features, reference) 
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import textwrap
@@ -18,7 +16,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import matplotlib.ticker
 
-from ..files import first_line, write_text
+from .. import files
+from ..files import first_line
 from .plots import plt, save_figure
 from .runs import BadRun, Run, Skipped, load_run
 from .seeds import interval, welch
@@ -189,10 +188,7 @@ def plot(found: Sequence[Point], floors: Sequence[float], path: Path, title: str
 
 def write_csv(by_label: Dict[str, List[Point]], path: Path) -> Path:
     """One row per (FID label, point, seed), written atomically."""
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["fid_label", "training_setting", "sampler", "nfe", "seed", "fid"])
-    for label, found in by_label.items():
-        writer.writerows([label, p.setting, p.sampler, p.nfe, seed, fid] for p in found for seed, fid in p.fids.items())
-    write_text(path, text.getvalue())
+    rows = [dict(fid_label=label, training_setting=p.setting, sampler=p.sampler, nfe=p.nfe, seed=seed, fid=fid)
+            for label, found in by_label.items() for p in found for seed, fid in p.fids.items()]
+    files.write_csv(path, rows, ["fid_label", "training_setting", "sampler", "nfe", "seed", "fid"])
     return Path(path)
