@@ -29,7 +29,7 @@ from .config.preflight import checked_main, run_command
 from .config.trained import check_steps, generate, load_trained, make_fid_evaluator, sampler_settings
 from .data.images import save_grid
 from .diffusion.conditioning import balanced_labels
-from .diffusion.samplers import build_sampler, num_evaluations, num_steps, setting_label
+from .diffusion.samplers import build_sampler, num_evaluations, num_steps, setting_label, steps_for
 from .evaluation.features import class_accuracy
 from .evaluation.plots import plot_fid_vs_cost, plot_guidance
 from .training import preemption
@@ -53,8 +53,9 @@ def file_tag(label: str) -> str:
 
 
 def score(cfg: DictConfig, trained, evaluator, settings: Dict, labels: Optional[torch.Tensor], run_dir: Path,
-          device: torch.device) -> Dict:
-    """FID (and, for a conditional model with a classifier, the accuracy on the asked labels) of one setting."""
+          device: torch.device, model: str = "checkpoint") -> Dict:
+    """FID (and, for a conditional model with a classifier, the accuracy on the asked labels) of one setting;
+    `model` says whose: the checkpoint's, or its teacher's (scored beside a consistency model)."""
     settings = dict(settings)
     name = settings.pop("name")
     started = time.perf_counter()
@@ -64,19 +65,19 @@ def score(cfg: DictConfig, trained, evaluator, settings: Dict, labels: Optional[
     result = evaluator.score(images)
     process = trained.schedule
     nfe, steps = num_evaluations(name, settings, process), num_steps(name, settings, process)
-    label = setting_label(name, settings, process)
+    label = ("teacher: " if model == "teacher" else "") + setting_label(name, settings, process)
     w = settings.get("guidance_scale")
     classifier = evaluator.extractor if hasattr(evaluator.extractor, "logits") else None
     accuracy = class_accuracy(classifier, images, labels) if labels is not None and classifier is not None else None
     save_grid(images[:64], run_dir / f"grid_{file_tag(label)}.png")
     console.info(f"{label}: FID {result.value:.4f} (floor {result.floor:.4f})"
                  + (f", accuracy {accuracy:.4f}" if accuracy is not None else "") + f", {seconds:.1f}s")
-    return {"sampler": name, "steps": steps, "nfe": nfe, "guidance_scale": w, "setting": label, "fid": result.value, "fid_floor": result.floor,
+    return {"model": model, "sampler": name, "steps": steps, "nfe": nfe, "guidance_scale": w, "setting": label, "fid": result.value, "fid_floor": result.floor,
             "accuracy": accuracy, "seconds": seconds, "seconds_per_image": seconds / cfg.num_samples,
             "settings": json.dumps(settings), "label": result.label()}
 
 
-def write_rows(run_dir: Path, rows: List[Dict], label: str, evaluator, cfg: DictConfig, step: int,
+def write_rows(run_dir: Path, rows: List[Dict], label: str, evaluator, cfg: DictConfig, trained,
                stopped_by: Optional[str] = None) -> None:
     """fid_vs_cost.csv and fid_vs_cost.json (atomically); `stopped_by` names the signal that ended a sweep early."""
     text = io.StringIO()
@@ -86,7 +87,9 @@ def write_rows(run_dir: Path, rows: List[Dict], label: str, evaluator, cfg: Dict
     files.write_text(run_dir / "fid_vs_cost.csv", text.getvalue())
     files.write_json(run_dir / "fid_vs_cost.json", {"label": label, "floor": evaluator.floor,
                                                      "floor_n": evaluator.floor_n, "checkpoint": str(cfg.checkpoint),
-                                                     "step": step, "stopped_by": stopped_by, "rows": rows})
+                                                     "teacher": OmegaConf.select(trained.config, "train.teacher",
+                                                                                 default=None),
+                                                     "step": trained.step, "stopped_by": stopped_by, "rows": rows})
 
 
 def score_all(cfg: DictConfig, trained, evaluator, jobs: List[Dict], labels: Optional[torch.Tensor],
@@ -94,11 +97,12 @@ def score_all(cfg: DictConfig, trained, evaluator, jobs: List[Dict], labels: Opt
     """(rows, FID label) of every job; a stop signal first writes the rows scored so far, then ends the command."""
     rows: List[Dict] = []
     try:
-        for settings in jobs:
-            rows.append(score(cfg, trained, evaluator, settings, labels, run_dir, device))
+        for model, settings in jobs:
+            rows.append(score(cfg, model or trained, evaluator, settings, labels, run_dir, device,
+                              "checkpoint" if model is None else "teacher"))
     except preemption.Stopped as stopped:
         if rows:
-            write_rows(run_dir, *_table(rows), evaluator, cfg, trained.step, stopped_by=stopped.name)
+            write_rows(run_dir, *_table(rows), evaluator, cfg, trained, stopped_by=stopped.name)
         stopped.note = (f"fid_vs_cost.csv/json hold the {len(rows)} of {len(jobs)} settings scored" if rows
                         else f"none of the {len(jobs)} settings was scored")
         raise
@@ -108,6 +112,22 @@ def score_all(cfg: DictConfig, trained, evaluator, jobs: List[Dict], labels: Opt
 def _table(rows: List[Dict]) -> tuple:
     """The rows without their FID label, and the label (that of the last row)."""
     return [{k: v for k, v in r.items() if k != "label"} for r in rows], rows[-1]["label"]
+
+
+def teacher_jobs(cfg: DictConfig, trained, device: torch.device) -> List[tuple]:
+    """(teacher, settings) at each of `teacher_nfe` with the teacher's own sampler, when the checkpoint is a
+    consistency model distilled or tuned from a teacher run (its train.teacher): the baseline beside it."""
+    source = OmegaConf.select(trained.config, "train.teacher", default=None)
+    if source is None or not cfg.teacher_nfe:
+        return []
+    try:
+        teacher = load_trained(Path(str(source)), device)
+    except (OSError, ValueError, KeyError) as error:
+        console.info(f"teacher {source} not scored: {str(error).splitlines()[0]}")
+        return []
+    name = teacher.config.sampler.name
+    base = {**sampler_settings(OmegaConf.create({"name": name})), **OmegaConf.to_container(teacher.config.sampler)}
+    return [(teacher, {**base, "steps": steps_for(name, nfe)}) for nfe in cfg.teacher_nfe]
 
 
 def evaluate(cfg: DictConfig, run_dir: Path) -> List[Dict]:
@@ -124,9 +144,10 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> List[Dict]:
     if not evaluator.enabled:
         raise ValueError(f"FID is disabled: {evaluator.disabled_reason}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [{**settings, **({} if w is None else {"guidance_scale": w})} for settings in every for w in scales]
+    jobs = [(None, {**settings, **({} if w is None else {"guidance_scale": w})}) for settings in every for w in scales]
+    jobs += teacher_jobs(cfg, trained, device)
     rows, label = score_all(cfg, trained, evaluator, jobs, labels, run_dir, device)
-    write_rows(run_dir, rows, label, evaluator, cfg, trained.step)
+    write_rows(run_dir, rows, label, evaluator, cfg, trained)
     title, floor = f"{label}, checkpoint step {trained.step}", (evaluator.floor, evaluator.floor_n)
     pictures = {"fid_vs_cost": plot_fid_vs_cost(rows, run_dir / "fid_vs_cost.png", title, floor=floor)}
     if scales != [None]:

@@ -27,6 +27,7 @@ from . import console
 from .config import CONF_DIR
 from .config.build import build_components, build_dataset, resolve_device
 from .config.preflight import checked_main, refusals
+from .config.teacher import attach_teacher
 from .config.validation import validate
 from .data.datasets import DatasetNotFoundError
 from .data.loader import ResumableLoader
@@ -106,6 +107,7 @@ def build(cfg: DictConfig, ranks: Ranks, device: torch.device) -> Run:
     """Data, components, EMA, optimizer step, the (DDP) forward and the FID tracker of `cfg`."""
     t = cfg.train
     dataset, parts, loader = build_data(cfg, ranks, device)
+    teacher = attach_teacher(cfg, parts, device)  # before the EMA copies the (maybe teacher-initialised) weights
     model = parts.model
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -125,7 +127,8 @@ def build(cfg: DictConfig, ranks: Ranks, device: torch.device) -> Run:
     return Run(cfg, ranks, device, dataset, parts, ema, step_fn, loader, fid,
                forward=torch.compile(net) if t.compile else net,
                noise_generator=torch.Generator(device=device).manual_seed(cfg.seed + 1),
-               grid_noise=torch.randn((t.num_grid_samples, c, h, w), generator=torch.Generator().manual_seed(cfg.seed)))
+               grid_noise=torch.randn((t.num_grid_samples, c, h, w), generator=torch.Generator().manual_seed(cfg.seed)),
+               teacher=teacher)
 
 
 def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides: Sequence[str] = (),

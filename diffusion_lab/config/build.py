@@ -9,8 +9,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import models  # noqa: F401  (registers the models)
 from ..data import datasets as data
-from ..diffusion import conditioning, objectives, processes, samplers, schedules  # noqa: F401  (registers components)
-from ..diffusion.losses import RECIPE_KEYS, DiffusionLoss
+from ..diffusion import conditioning, consistency, objectives, processes, samplers, schedules  # noqa: F401  (registers components)
+from ..diffusion.losses import RECIPES
 from ..diffusion.objectives import Objective
 from ..registry import MODELS, OBJECTIVES, SCHEDULES
 from ..training.loop import Components
@@ -43,15 +43,21 @@ def build_schedule(cfg: DictConfig):
     return SCHEDULES.build(cfg.schedule.name, **params(cfg.schedule))
 
 
+def recipe_class(objective_name: str):
+    """The loss class that trains objective `objective_name` (its `recipe`, from losses.RECIPES)."""
+    return RECIPES.get(OBJECTIVES.get(objective_name).recipe)
+
+
 def build_objective(cfg: DictConfig) -> Objective:
     """The parameterisation (`objective=`), from its own keys (the recipe keys belong to the loss)."""
-    values = {k: v for k, v in params(cfg.objective).items() if k not in RECIPE_KEYS}
+    keys = recipe_class(cfg.objective.name).KEYS
+    values = {k: v for k, v in params(cfg.objective).items() if k not in keys}
     return OBJECTIVES.build(cfg.objective.name, **values)
 
 
-def build_loss(cfg: DictConfig, process, objective: Objective) -> DiffusionLoss:
-    """The training recipe: density, weighting and target from the objective node's recipe keys."""
-    return DiffusionLoss.from_config(process, objective, params(cfg.objective))
+def build_loss(cfg: DictConfig, process, objective: Objective):
+    """The training recipe (a diffusion or consistency loss) from the objective node's recipe keys."""
+    return RECIPES.get(objective.recipe).from_config(process, objective, params(cfg.objective))
 
 
 def build_model(cfg: DictConfig, image_size: int, channels: int, data_classes: Optional[int] = None) -> torch.nn.Module:

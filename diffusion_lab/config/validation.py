@@ -86,6 +86,8 @@ RULES: Sequence[Rule] = (
 CHOICES: Sequence[Tuple[str, str, str]] = (
     ("objective.weighting", "diffusion.losses", "WEIGHTINGS"),
     ("objective.density", "diffusion.losses", "DENSITIES"),
+    ("objective.method", "diffusion.consistency", "METHODS"),
+    ("objective.teacher_solver", "diffusion.consistency", "TEACHER_SOLVERS"),
     ("sampler.variance", "diffusion.samplers", "DDPM_VARIANCES"),
     ("train.optimizer", "training.step", "OPTIMIZERS"),
     ("train.precision", "training.step", "PRECISIONS"),
@@ -115,9 +117,10 @@ LIST_RULES: Sequence[Rule] = (
     _rule("guidance_scales", float, _non_negative),
     _rule("labels", int, _non_negative),
     _rule("nfe", int, _positive),
+    _rule("teacher_nfe", int, _positive),
     _rule("logger.tags", str, (lambda v: True, "a tag")),
 )
-MAY_BE_EMPTY = ("logger.tags",)
+MAY_BE_EMPTY = ("logger.tags", "teacher_nfe")
 
 
 def _typed(value: Any, kind: type) -> bool:
@@ -205,10 +208,25 @@ def validate(cfg: DictConfig) -> None:
     if resume not in (None, "auto") and not run_dir.checkpoint_file(Path(str(resume))).is_file():
         raise ConfigError(f"train.resume={resume!r} must be auto, an existing checkpoint file or a run dir with one")
     _check_sampler_fits_schedule(cfg)
+    _check_teacher(cfg)
     _check_sampling(cfg)
     _check_lr_schedule(cfg)
     _check_grad_accum(cfg)
     _check_num_classes(cfg)
+
+
+def _check_teacher(cfg: DictConfig) -> None:
+    """Distillation and tuning name an existing teacher run (whether it fits is checked when it is loaded)."""
+    teacher = OmegaConf.select(cfg, "train.teacher", default=None)
+    method = OmegaConf.select(cfg, "objective.method", default=None)
+    if OmegaConf.select(cfg, "objective.name", default=None) != "consistency":
+        if teacher is not None:
+            raise ConfigError("train.teacher is read by objective=consistency only (distillation or tuning)")
+        return
+    if teacher is None and method in ("cd", "ect"):
+        raise ConfigError(f"objective.method={method} needs train.teacher=RUN_DIR (a trained diffusion run)")
+    if teacher is not None and not run_dir.checkpoint_file(Path(str(teacher))).is_file():
+        raise ConfigError(f"train.teacher={teacher!r} must be an existing checkpoint file or a run dir with one")
 
 
 def _check_lr_schedule(cfg: DictConfig) -> None:

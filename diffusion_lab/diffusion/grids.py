@@ -144,6 +144,14 @@ def shift(schedule, steps: int, shift: float = 3.0) -> torch.Tensor:
     return _times(schedule, lam)
 
 
+def end_time(process):
+    """The time where every registered grid ends: t = 0 of a discrete schedule, else t_min, or the time of
+    LAMBDA_MAX where the path reaches sigma = 0 there (the flow path)."""
+    if process.discrete:
+        return 0
+    return float(_times(process, torch.tensor([_lambda_range(process, -math.inf)[1]], dtype=torch.float64))[0])
+
+
 def explicit(schedule, timesteps: Sequence[float]) -> torch.Tensor:
     """A given list of times, checked: distinct, descending, in [0, T-1] (discrete) or [t_min, t_max]."""
     if not schedule.discrete:

@@ -23,6 +23,7 @@ import torch
 
 from ..registry import Registry
 
+RECIPES = Registry("training recipe")  # an objective's ``recipe`` names its loss class here
 DENSITIES = Registry("noise-level density")
 WEIGHTINGS = Registry("loss weighting")
 RECIPE_KEYS = ("weighting", "snr_gamma", "sigmoid_bias", "density", "P_mean", "P_std", "logit_mean", "logit_std")
@@ -65,6 +66,7 @@ def _sigmoid(lam, loss):
     return torch.exp(2 * lam) * torch.sigmoid(loss.sigmoid_bias - lam)
 
 
+@RECIPES.register("diffusion")
 class DiffusionLoss:
     """The recipe: ``loss.sample_t(n, device, generator)`` draws noise levels, ``loss(model, x0, t, eps, **cond)``
     noises, predicts and returns the weighted MSE. ``model`` is the network in process coordinates
@@ -86,10 +88,15 @@ class DiffusionLoss:
             float(logit_std)
         self.sigma_data = getattr(objective, "sigma_data", 0.5)
 
+    KEYS = RECIPE_KEYS
+
     @classmethod
     def from_config(cls, process, objective, values: Dict) -> "DiffusionLoss":
         """The recipe from the recipe keys of an objective config node (the others belong to the objective)."""
         return cls(process, objective, **{k: v for k, v in values.items() if k in RECIPE_KEYS})
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        """A diffusion recipe does not change while training (a consistency curriculum does)."""
 
     def sample_t(self, n: int, device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         return self.density_fn(self.process, n, device, generator, self)

@@ -14,6 +14,7 @@ loss weighting can be written once as a weight on the x0 error (``losses.py``).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -35,6 +36,7 @@ class Objective:
     """Base class: the target, the conversion back to (x0_pred, eps_pred), the input scaling and x0 factor."""
 
     name = ""
+    recipe = "diffusion"  # the loss class that trains it (losses.RECIPES)
 
     def check(self, process) -> None:
         """A one-line ValueError when this parameterisation cannot work on ``process``."""
@@ -51,6 +53,10 @@ class Objective:
 
     def c_in(self, process, t: torch.Tensor) -> Optional[torch.Tensor]:
         return process.input_scale(t)
+
+    def grid(self, name: str):
+        """The grid a sampler uses for grid=name (a consistency objective starts it at its sigma_max)."""
+        return name
 
     def network(self, net, process):
         """``net`` as a model of (x_t, t[, y]) in process coordinates: what samplers and the loss call."""
@@ -197,3 +203,81 @@ class EDMObjective(Objective):
 
     def x0_factor(self, process, t):
         return self._coefs(process, t)[1] ** 2
+
+
+def boundary_sigma(process) -> float:
+    """s_min = sigma / alpha at the time where every grid ends (``grids.end_time``): the consistency boundary."""
+    from .grids import end_time  # grids -> schedules -> processes; kept out of this module's import time
+
+    t = torch.tensor(float(end_time(process)), dtype=torch.float64)
+    return float(process.sigma(t) / process.alpha(t))
+
+
+@OBJECTIVES.register("consistency")
+class ConsistencyObjective(Objective):
+    """A consistency function f(x_t, t) with the boundary condition built in (Song et al. 2023, Appendix C):
+
+        f = c_skip y + c_out F,  c_skip = d^2 / ((s - s_min)^2 + d^2),  c_out = d (s - s_min) / sqrt(d^2 + s^2)
+
+    in EDM coordinates y = x_t / alpha, s = sigma / alpha (d = sigma_data, s_min = ``boundary_sigma``), so
+    f(x, s_min) = y exactly. It is written through the ``base`` parameterisation's denoiser D = x0_pred, with
+    c_out F = (c_out / c_out_edm)(D - c_skip_edm y) = (1 - s_min / s)(D - d^2 / (s^2 + d^2) y): base=edm is the
+    paper's formula, and a network trained with any objective (eps, v, x0, flow, edm) starts out as the consistency
+    function closest to its denoiser, which is how distillation and tuning initialise from a teacher.
+    """
+
+    name = "consistency"
+    recipe = "consistency"
+
+    def __init__(self, base: str = "edm", sigma_data: float = 0.5, sigma_max: Optional[float] = None):
+        if base == "consistency" or base not in OBJECTIVES:
+            raise ValueError(f"objective.base must be one of {', '.join(n for n in OBJECTIVES.names() if n != 'consistency')}, "
+                             f"got {base!r}")
+        if sigma_data <= 0:
+            raise ValueError(f"objective.sigma_data must be > 0, got {sigma_data}")
+        self.base = OBJECTIVES.build(base, **({"sigma_data": sigma_data} if base == "edm" else {}))
+        if sigma_max is not None and sigma_max <= 0:
+            raise ValueError(f"objective.sigma_max must be > 0 or null, got {sigma_max}")
+        self.sigma_data, self.sigma_max = float(sigma_data), sigma_max
+        self._s_min = {}  # process id -> s_min
+
+    def grid(self, name: str):
+        """A karras or logsnr grid that starts at s = sigma_max (where training and sampling start), else the name
+        as it is (the grid's own start)."""
+        if self.sigma_max is None or name not in ("karras", "logsnr"):
+            return name
+        return {"name": name, "lambda_min_clipped": -math.log(self.sigma_max)}
+
+    def s_min(self, process) -> float:
+        key = id(process)
+        if key not in self._s_min:
+            self._s_min[key] = boundary_sigma(process)
+        return self._s_min[key]
+
+    def check(self, process):
+        self.base.check(process)
+
+    def c_in(self, process, t):
+        return self.base.c_in(process, t)
+
+    def coefficients(self, process, t: torch.Tensor):
+        """(c_skip, c_out / c_out_edm, s) [B] float64 at times t."""
+        t = t if process.discrete else t.to(torch.float64)
+        s, d, s_min = process.sigma(t) / process.alpha(t), self.sigma_data, self.s_min(process)
+        return d**2 / ((s - s_min) ** 2 + d**2), 1.0 - s_min / s, s
+
+    def to_x0_eps(self, pred, x_t, process, t):
+        x0_base, _ = self.base.to_x0_eps(pred, x_t, process, t)
+        c_skip, ratio, s = self.coefficients(process, t)
+        tt = t if process.discrete else t.to(torch.float64)
+        a, sigma = _shape(process.alpha(tt), x_t), _shape(process.sigma(tt), x_t)  # float64 alpha: f = y exactly
+        y = x_t / a
+        x0 = _shape(c_skip, x_t) * y + _shape(ratio, x_t) * (x0_base - _shape(self.sigma_data**2 / (s**2 + self.sigma_data**2), x_t) * y)
+        return x0, (x_t - a * x0) / sigma
+
+    def target(self, x0, eps, process, t):
+        raise TypeError("a consistency function has no regression target; its loss is consistency.ConsistencyLoss")
+
+    def x0_factor(self, process, t):
+        c_skip, ratio, s = self.coefficients(process, t)
+        return ratio**2 * self.base.x0_factor(process, t)

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from ..registry import SAMPLERS
 from . import grids, guidance
+from .objectives import boundary_sigma
 from .processes import CLEAN
 
 RUNTIME_ARGS = ("generator", "callback")  # passed at call time, never bound from a config
@@ -394,6 +395,27 @@ def pc(model, process, objective, x_T, *, steps=20, grid="linspace", snr=0.16, c
         x0_pred, eps_pred = _evaluate(model, process, objective, x_t, 2 * i + 1, t, clip_x0, callback)
         x_t = _ddim_step(p, t, ts[i + 1], x0_pred, eps_pred, 1.0, generator)  # predictor: ancestral step
     return _finish(x_t, clamp_final)
+
+
+@register("consistency")
+def consistency(model, process, objective, x_T, *, steps=1, grid="karras", clip_x0=False, clamp_final=True,
+                generator=None, progress=False, callback=None):
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1): x0 = f(x, t_0) from noise at the first
+    time; at each further time t_i, x = alpha_i (x0 + sqrt(s_i^2 - s_min^2) z) (s = sigma / alpha, s_min the
+    boundary) and x0 = f(x, t_i). ``steps`` model evaluations, at the first ``steps`` times of the grid with
+    steps + 1 points (its last, the boundary, needs none), or at every time of an explicit list. With a diffusion
+    model's objective, f is its denoiser (one step is then the mean, a blurred image: a baseline). A named grid
+    starts where the consistency objective's training did (its ``sigma_max``)."""
+    grid = objective.grid(grid) if isinstance(grid, str) else grid
+    ts = grids.resolve(grid, process, len(grid) if grids.is_list(grid) else steps + 1).tolist()
+    ts = ts if grids.is_list(grid) else ts[:-1]
+    p, x_t, s_min = process.points(), _start(process, ts[0], x_T), boundary_sigma(process)
+    for i, t in enumerate(tqdm(ts, disable=not progress)):
+        if i:
+            s = p.sigma(t) / p.alpha(t)
+            x_t = p.alpha(t) * (x0_pred + math.sqrt(max(s**2 - s_min**2, 0.0)) * _noise(x0_pred, generator))
+        x0_pred, _ = _evaluate(model, process, objective, x_t, i, t, clip_x0, callback)
+    return _finish(x0_pred, clamp_final)
 
 
 def _options(fn: Callable) -> Dict[str, inspect.Parameter]:

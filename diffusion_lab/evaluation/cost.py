@@ -70,7 +70,8 @@ def read_evaluation(path: Path, runs: Dict[Path, Run]) -> Evaluation:
     try:
         result = json.loads((path / RESULT).read_text())
         checkpoint = str(result["checkpoint"])
-        rows = [r for r in result["rows"] if isinstance(r.get("fid"), (int, float)) and isinstance(r.get("nfe"), int)]
+        rows = [r for r in result["rows"] if isinstance(r.get("fid"), (int, float)) and isinstance(r.get("nfe"), int)
+                and r.get("model", "checkpoint") == "checkpoint"]  # a teacher's rows belong to the teacher's run
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise BadRun(f"{RESULT} is not an evaluate result: {first_line(error)}") from error
     where = _run_dir(checkpoint, path)

@@ -19,7 +19,6 @@ from omegaconf import DictConfig, OmegaConf
 from ..data.loader import ResumableLoader
 from ..diffusion import grids
 from ..diffusion.conditioning import balanced_labels, class_grid, training_labels
-from ..diffusion.losses import DiffusionLoss
 from ..diffusion.objectives import Objective
 from ..diffusion.samplers import Trajectory, num_evaluations
 from ..diffusion.schedules import NoiseSchedule
@@ -48,7 +47,7 @@ class Components:
     objective: Objective
     sampler: Callable[..., torch.Tensor]
     image_shape: tuple  # (channels, image_size, image_size)
-    loss: DiffusionLoss
+    loss: Any  # the training recipe: losses.DiffusionLoss or consistency.ConsistencyLoss
 
     def sample(self, net: torch.nn.Module, x_T: torch.Tensor, **runtime: Any) -> torch.Tensor:
         """The configured sampler on ``net`` (seen in the process's coordinates) from unit noise x_T."""
@@ -83,6 +82,7 @@ class Run:
     forward: Callable[..., torch.Tensor]  # the model as the loss calls it: DDP-wrapped and/or compiled
     noise_generator: torch.Generator  # timesteps and noise, the same on every rank
     grid_noise: torch.Tensor  # fixed starting noise of the sample grids, so they compare over time
+    teacher: Optional[Dict[str, Any]] = None  # the run a consistency model was distilled or tuned from
 
     def loss(self, batch: Tuple[torch.Tensor, Optional[torch.Tensor]]) -> torch.Tensor:
         """The objective's loss on this rank's part of the batch (images, labels). Timesteps, noise and label
@@ -171,6 +171,7 @@ class Loop:
     def step(self, batches) -> None:
         """One optimizer step; a run of max_bad_steps skipped (non-finite) steps raises Diverged."""
         started = time.perf_counter()
+        self.run.parts.loss.set_progress(self.state.step, self.t.steps)  # a consistency curriculum moves with it
         loss, grad_norm = self.run.step_fn(lambda: self.run.loss(next(batches)))
         self.window.seconds += time.perf_counter() - started
         self.state.step += 1
@@ -308,6 +309,7 @@ def summarize(run: Run, state: RunState, loop: Loop, out: Outputs, identity: Dic
         "train_images_per_s": loop.images_per_s, "last_grid": str(loop.grid_path) if loop.grid_path else None,
         "checkpoint": str(out.run_dir / "checkpoints" / "last.pt"), **run.fid.summary(),
         "wandb": out.logger_info(), "interrupted": loop.stopped,
+        **({"teacher": run.teacher} if run.teacher else {}),
     }
 
 
@@ -348,6 +350,10 @@ def start(cfg: DictConfig, run: Run, state: RunState, out: Outputs, group: Optio
              f"{state.info['num_parameters'] / 1e6:.2f}M params | data {cfg.data.name} {len(run.dataset)} images "
              f"{c}x{h}x{w} | run dir {out.run_dir}")
     log.info(warmup_note(cfg.train))
+    if run.teacher:
+        log.info(f"teacher: {run.teacher['run_dir']} (step {run.teacher['step']}, {run.teacher['schedule']} / "
+                 f"{run.teacher['objective']}); student " + ("starts from its EMA weights" if
+                                                            run.teacher["init_from_teacher"] else "from scratch"))
     return {"name": name, "group": group, "overrides": list(overrides)}
 
 
