@@ -18,7 +18,8 @@ def options(group):
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes_and_builds(group, option):
     # a flow target needs a continuous process and the flow path needs a target other than eps: pair them
-    pair = {("schedule", "flow"): ["objective=flow"], ("objective", "flow"): ["schedule=flow"]}.get((group, option), [])
+    pair = {("schedule", "flow"): ["objective=flow"], ("objective", "flow"): ["schedule=flow"],
+            ("sampler", "consistency"): ["objective=consistency"]}.get((group, option), [])
     cfg = compose_config([f"{group}={option}", *pair])
     validate(cfg)
     if group not in ("train", "eval"):
@@ -45,9 +46,17 @@ def test_every_data_option_composes(option):
         assert len(build_dataset(cfg)) == 1438  # the training split; 359 held out
 
 
+def teacher_override(experiment, tmp_path):
+    """A recipe that distils or tunes a teacher needs train.teacher: an existing file is enough to validate."""
+    if "teacher: ???" not in (CONF_DIR / "experiment" / f"{experiment}.yaml").read_text():
+        return []
+    (tmp_path / "last.pt").write_bytes(b"")
+    return [f"train.teacher={tmp_path / 'last.pt'}"]
+
+
 @pytest.mark.parametrize("experiment", options("experiment"))
-def test_experiments_compose(experiment):
-    cfg = compose_config([f"experiment={experiment}"])
+def test_experiments_compose(experiment, tmp_path):
+    cfg = compose_config([f"experiment={experiment}", *teacher_override(experiment, tmp_path)])
     validate(cfg)
     if experiment == "ddpm_cifar10":
         assert (cfg.model.name, cfg.schedule.name, cfg.data.name) == ("cifar", "linear", "cifar10")
@@ -60,7 +69,19 @@ def test_experiments_compose(experiment):
         assert (cfg.schedule.name, cfg.objective.name, cfg.sampler.name, cfg.sampler.grid) == (
             "flow", "flow", "euler", "linspace")
         assert (cfg.objective.density, cfg.objective.weighting) == ("uniform", "uniform")
-    if experiment.endswith("_digits"):  # the default run's data, network and training budget
+    if cfg.objective.name == "consistency":  # a budget of its own, stated in the recipe
+        default = compose_config([])
+        assert cfg.data.name == "digits" or experiment.endswith("_cifar10")
+        if experiment == "consistency_digits":  # distils the default run: its process, network and parameterisation
+            assert (cfg.objective.method, cfg.objective.base, cfg.schedule, cfg.model) == (
+                "cd", default.objective.name, default.schedule, default.model)
+        if experiment == "ct_digits":  # iCT: the EDM process, trained for the teacher's and the distillation's steps
+            assert (cfg.objective.method, cfg.schedule.name, cfg.objective.s0, cfg.objective.s1) == ("ct", "edm", 10, 1280)
+            assert cfg.train.steps == default.train.steps + compose_config(
+                ["experiment=consistency_digits", "train.teacher=x"]).train.steps
+        if experiment == "ect_cifar10":
+            assert (cfg.objective.method, cfg.schedule.name, cfg.model.name) == ("ect", "edm", "cifar")
+    elif experiment.endswith("_digits"):  # the default run's data, network and training budget
         default = compose_config([])
         assert (cfg.data.name, cfg.model.name) == ("digits", default.model.name)
         assert OmegaConf.to_container(cfg.train) == OmegaConf.to_container(default.train)

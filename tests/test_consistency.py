@@ -12,6 +12,7 @@ from diffusion_lab.diffusion import consistency, grids, samplers
 from diffusion_lab.diffusion.exact import ExactDenoiser, GaussianMixture, gaussian
 from diffusion_lab.diffusion.objectives import ConsistencyObjective, boundary_sigma
 from diffusion_lab.diffusion.samplers import Trajectory
+from diffusion_lab.diffusion.schedules import log_snr
 from diffusion_lab.registry import OBJECTIVES, SCHEDULES
 
 PROCESSES = {"edm": {}, "vp": {}, "ve": {}, "flow": {}, "cosine": {}, "linear": {}}
@@ -153,9 +154,13 @@ def test_ect_gap_shrinks_by_q_each_stage_and_ends_at_the_boundary():
     assert all(a / b == pytest.approx(2.0, rel=0.05) for a, b in zip(gaps, gaps[1:]))
 
 
-def test_a_discrete_schedule_refuses_more_ct_levels_than_it_has_and_ect():
-    with pytest.raises(ValueError, match="1281 noise levels"):
-        consistency.ConsistencyLoss(_process("cosine"), ConsistencyObjective(base="eps"), method="ct")
+def test_a_discrete_schedule_caps_ct_levels_at_its_timesteps_and_refuses_ect():
+    loss = consistency.ConsistencyLoss(_process("cosine"), ConsistencyObjective(base="eps"), method="ct")
+    loss.set_progress(10**6, 10**6)
+    usable = int((log_snr(_process("cosine")) >= -5.1).sum())  # the Karras grid's clip: 996 of the 1000 timesteps
+    assert loss.num_levels() == usable and torch.equal(loss.levels_at(usable), torch.arange(usable - 1, -1, -1))
+    with pytest.raises(ValueError, match="cannot hold"):
+        consistency.ConsistencyLoss(_process("cosine"), ConsistencyObjective(base="eps"), method="cd", levels=1001)
     with pytest.raises(ValueError, match="continuous process"):
         consistency.ConsistencyLoss(_process("cosine"), ConsistencyObjective(base="eps"), method="ect")
     with pytest.raises(ValueError, match="objective=consistency"):

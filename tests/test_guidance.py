@@ -28,7 +28,7 @@ MIX = GaussianMixture([0.3, 0.7], [-0.5, 0.4], [0.1, 0.15])  # class 0 and class
 OBJECTIVES = {"eps": EpsObjective(), "x0": X0Objective(), "v": VObjective()}
 FAST = {"ddim": {"steps": 50}, "ddpm": {}, "dpm_solver": {"steps": 20}, "dpm_solver_3m": {"steps": 20},
         "heun": {"steps": 20}, "euler_ancestral": {"steps": 50}, "pc": {"steps": 50}, "euler": {"steps": 50},
-        "edm": {"steps": 20}}
+        "edm": {"steps": 20}, "consistency": {"steps": 4}}
 
 
 @pytest.fixture(scope="module")

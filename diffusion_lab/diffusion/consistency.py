@@ -7,7 +7,8 @@ Song et al. 2023's CD on CIFAR-10, Table 3; dropout shares one mask between the 
   ct   consistency training, iCT recipe (Song & Dhariwal 2023, Sec. 3-4): x_r = alpha_r x0 + sigma_r eps on
        N(k) = min(s0 2^floor(k / K'), s1) + 1 Karras levels, K' = floor(K / (log2(s1 / s0) + 1)); adjacent levels
        drawn with p(i) ~ erf((ln s_{i+1} - P_mean) / (sqrt 2 P_std)) - erf((ln s_i - P_mean) / (sqrt 2 P_std));
-       weight 1 / (s_t - s_r); pseudo-Huber distance.
+       weight 1 / (s_t - s_r); pseudo-Huber distance. On a discrete schedule s1 is capped at T - 1 (one level
+       per timestep at most).
   cd   consistency distillation (Song et al. 2023, Algorithm 2): x_r is one step of the teacher's probability-flow
        ODE from x_t (``teacher_step``: Euler or Heun); N fixed Karras levels, pairs uniform, weight 1.
   ect  consistency tuning (Geng et al. 2024, "Consistency models made easy"): s_t lognormal, s_r = s_t (1 - q^-(j+1)
@@ -18,6 +19,7 @@ s = sigma / alpha throughout (the EDM noise level); times are the process's own 
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable, Dict, Optional
 
@@ -27,6 +29,7 @@ from ..registry import Registry
 from .losses import RECIPES
 from . import grids
 from .objectives import ConsistencyObjective
+from .schedules import log_snr
 
 METHODS = Registry("consistency method")
 RECIPE_KEYS = ("method", "metric", "huber_c", "P_mean", "P_std", "s0", "s1", "rho", "levels", "teacher_solver",
@@ -106,6 +109,10 @@ class ConsistencyLoss:
         objective.check(process)
         self.process, self.objective, self.method, self.metric = process, objective, method, metric
         self.huber_c = huber_c
+        self.process, self.objective = process, objective
+        if process.discrete and method == "ct":  # at most one level per timestep the grid may use
+            s1 = min(int(s1), self._timesteps() - 1)
+            s0 = min(int(s0), s1)
         self.P_mean, self.P_std, self.s0, self.s1, self.rho, self.levels = float(P_mean), float(P_std), int(s0), \
             int(s1), float(rho), int(levels)
         self.teacher_solver, self.ect_q, self.ect_k, self.ect_b, self.ect_stages = teacher_solver, float(ect_q), \
@@ -131,6 +138,12 @@ class ConsistencyLoss:
         self.step, self.total_steps = int(step), max(1, int(total_steps))
 
     # -- noise levels --------------------------------------------------------------------------------
+    def _timesteps(self) -> int:
+        """How many timesteps of a discrete schedule a Karras grid may use: those from its logSNR clip down."""
+        grid = _mapping(self.objective.grid("karras"))
+        clip = grid.get("lambda_min_clipped", inspect.signature(grids.karras).parameters["lambda_min_clipped"].default)
+        return int((log_snr(self.process) >= clip).sum())
+
     def levels_at(self, n: int) -> torch.Tensor:
         """n Karras levels (rho) as process times, descending, the last the boundary time exactly."""
         if n not in self._levels:
