@@ -363,3 +363,21 @@ def test_evaluate_scores_the_teacher_beside_and_compare_keeps_them_apart(teacher
     import json
     assert json.loads((tmp_path / "eval" / "fid_vs_cost.json").read_text())["teacher"] == str(teacher)
     assert [r["nfe"] for r in read_evaluation(tmp_path / "eval", {}).rows] == [1, 2]
+
+
+@pytest.mark.parametrize("name, sigma_max", [("edm", None), ("cosine", 20.0)])
+def test_the_2_and_4_step_samplers_sample_on_the_default_cd_levels(name, sigma_max):
+    """CD learns f at its levels only: with the default 17 (16 intervals) every time the 1-, 2- and 4-step
+    samplers evaluate is a training level (with 18, the paper's, the 2-step's second time is not)."""
+    process = _process(name)
+    objective = ConsistencyObjective(base="edm" if name == "edm" else "eps", sigma_max=sigma_max)
+    levels = set(consistency.ConsistencyLoss(process, objective, method="cd").levels_at(17).tolist())
+    eighteen = set(consistency.ConsistencyLoss(process, objective, method="cd", levels=18).levels_at(18).tolist())
+    for steps in (1, 2, 4):
+        trajectory = Trajectory()
+        samplers.consistency(lambda x, t: torch.zeros_like(x), process, objective, torch.randn(2, 1, 2, 2),
+                             steps=steps, callback=trajectory)
+        times = [round(t, 9) for t in trajectory.timesteps]
+        assert set(times) <= {round(t, 9) for t in levels}, (steps, times)
+        if steps == 2:
+            assert not set(times) <= {round(t, 9) for t in eighteen}

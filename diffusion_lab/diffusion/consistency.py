@@ -92,7 +92,7 @@ class ConsistencyLoss:
 
     def __init__(self, process, objective, method: str = "ct", metric: str = "pseudo_huber",
                  huber_c: Optional[float] = None, P_mean: float = -1.1, P_std: float = 2.0, s0: int = 10,
-                 s1: int = 1280, rho: float = 7.0, levels: int = 18, teacher_solver: str = "heun",
+                 s1: int = 1280, rho: float = 7.0, levels: int = 17, teacher_solver: str = "heun",
                  ect_q: float = 2.0, ect_k: float = 8.0, ect_b: float = 1.0, ect_stages: int = 8):
         if not isinstance(objective, ConsistencyObjective):
             raise ValueError(f"a consistency recipe needs objective=consistency, got objective={objective.name}")
