@@ -72,7 +72,8 @@ def score(cfg: DictConfig, trained, evaluator, settings: Dict, labels: Optional[
     save_grid(images[:64], run_dir / f"grid_{file_tag(label)}.png")
     console.info(f"{label}: FID {result.value:.4f} (floor {result.floor:.4f})"
                  + (f", accuracy {accuracy:.4f}" if accuracy is not None else "") + f", {seconds:.1f}s")
-    return {"model": model, "sampler": name, "steps": steps, "nfe": nfe, "guidance_scale": w, "setting": label, "fid": result.value, "fid_floor": result.floor,
+    return {"model": model, "sampler": name, "steps": steps, "nfe": nfe, "guidance_scale": w, "setting": label,
+            "fid": result.value, "fid_floor": result.floor,
             "accuracy": accuracy, "seconds": seconds, "seconds_per_image": seconds / cfg.num_samples,
             "settings": json.dumps(settings), "label": result.label()}
 

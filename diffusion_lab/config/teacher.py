@@ -20,15 +20,17 @@ def _node(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
-def check_teacher(cfg: DictConfig, teacher: Trained, student: torch.nn.Module, image_shape: tuple, source: Path) -> None:
+def check_teacher(cfg: DictConfig, teacher: Trained, student: torch.nn.Module, image_shape: tuple,
+                  source: Path) -> None:
     """One-line ConfigError when the teacher cannot teach this student: other data or image shape, other
     classes, another process, a consistency model itself, or weights that do not fit an init from it."""
     t_cfg, where = teacher.config, f"train.teacher={source}"
+    shape, own = ("x".join(map(str, s)) for s in (teacher.image_shape, image_shape))
     if t_cfg.objective.name == "consistency":
         raise ConfigError(f"{where} is a consistency model; a teacher is a diffusion run (its ODE is distilled)")
     if t_cfg.data.name != cfg.data.name or tuple(teacher.image_shape) != tuple(image_shape):
-        raise ConfigError(f"{where} was trained on data={t_cfg.data.name} at {'x'.join(map(str, teacher.image_shape))}; "
-                          f"this run is data={cfg.data.name} at {'x'.join(map(str, image_shape))}")
+        raise ConfigError(f"{where} was trained on data={t_cfg.data.name} at {shape}; this run is data={cfg.data.name} "
+                          f"at {own}")
     num_classes = getattr(student, "num_classes", None)
     if getattr(teacher.model, "num_classes", None) != num_classes:
         raise ConfigError(f"{where} has num_classes={getattr(teacher.model, 'num_classes', None)}; this run's model "

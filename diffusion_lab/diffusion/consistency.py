@@ -94,22 +94,10 @@ class ConsistencyLoss:
                  huber_c: Optional[float] = None, P_mean: float = -1.1, P_std: float = 2.0, s0: int = 10,
                  s1: int = 1280, rho: float = 7.0, levels: int = 17, teacher_solver: str = "heun",
                  ect_q: float = 2.0, ect_k: float = 8.0, ect_b: float = 1.0, ect_stages: int = 8):
-        if not isinstance(objective, ConsistencyObjective):
-            raise ValueError(f"a consistency recipe needs objective=consistency, got objective={objective.name}")
+        _check(process, objective, method, metric, teacher_solver, P_std, s0, s1, levels, ect_q, ect_stages)
         self.pairs = METHODS.get(method)
-        if metric not in ("pseudo_huber", "l2"):
-            raise ValueError(f"objective.metric must be pseudo_huber or l2, got {metric!r}")
-        if teacher_solver not in TEACHER_SOLVERS:
-            raise ValueError(f"objective.teacher_solver must be one of {', '.join(TEACHER_SOLVERS)}, got {teacher_solver!r}")
-        if not (P_std > 0 and 1 <= s0 <= s1 and levels >= 2 and ect_q > 1 and ect_stages >= 1):
-            raise ValueError("objective needs P_std > 0, 1 <= s0 <= s1, levels >= 2, ect_q > 1 and ect_stages >= 1")
-        if method == "ect" and process.discrete:
-            raise ValueError("objective.method=ect draws continuous noise levels: it needs a continuous process "
-                             "(schedule=edm, vp, ve or flow), not a discrete schedule")
-        objective.check(process)
-        self.process, self.objective, self.method, self.metric = process, objective, method, metric
-        self.huber_c = huber_c
-        self.process, self.objective = process, objective
+        self.process, self.objective, self.method, self.metric, self.huber_c = process, objective, method, metric, \
+            huber_c
         if process.discrete and method == "ct":  # at most one level per timestep the grid may use
             s1 = min(int(s1), self._timesteps() - 1)
             s0 = min(int(s0), s1)
@@ -141,7 +129,8 @@ class ConsistencyLoss:
     def _timesteps(self) -> int:
         """How many timesteps of a discrete schedule a Karras grid may use: those from its logSNR clip down."""
         grid = _mapping(self.objective.grid("karras"))
-        clip = grid.get("lambda_min_clipped", inspect.signature(grids.karras).parameters["lambda_min_clipped"].default)
+        default = inspect.signature(grids.karras).parameters["lambda_min_clipped"].default
+        clip = grid.get("lambda_min_clipped", default)
         return int((log_snr(self.process) >= clip).sum())
 
     def levels_at(self, n: int) -> torch.Tensor:
@@ -200,6 +189,24 @@ class ConsistencyLoss:
         if self.teacher is None:
             raise RuntimeError("objective.method=cd needs a teacher: train.teacher=RUN_DIR")
         return teacher_step(self.teacher, self.process, x_t, t, r, self.teacher_solver, **cond)
+
+
+def _check(process, objective, method, metric, teacher_solver, P_std, s0, s1, levels, ect_q, ect_stages) -> None:
+    """One-line ValueErrors for options a consistency recipe cannot use on this process."""
+    if not isinstance(objective, ConsistencyObjective):
+        raise ValueError(f"a consistency recipe needs objective=consistency, got objective={objective.name}")
+    METHODS.get(method)
+    if metric not in ("pseudo_huber", "l2"):
+        raise ValueError(f"objective.metric must be pseudo_huber or l2, got {metric!r}")
+    if teacher_solver not in TEACHER_SOLVERS:
+        raise ValueError(f"objective.teacher_solver must be one of {', '.join(TEACHER_SOLVERS)}, "
+                         f"got {teacher_solver!r}")
+    if not (P_std > 0 and 1 <= s0 <= s1 and levels >= 2 and ect_q > 1 and ect_stages >= 1):
+        raise ValueError("objective needs P_std > 0, 1 <= s0 <= s1, levels >= 2, ect_q > 1 and ect_stages >= 1")
+    if method == "ect" and process.discrete:
+        raise ValueError("objective.method=ect draws continuous noise levels: it needs a continuous process "
+                         "(schedule=edm, vp, ve or flow), not a discrete schedule")
+    objective.check(process)
 
 
 def _mapping(grid) -> dict:

@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..registry import OBJECTIVES
+from .grids import end_time
 
 Pair = Tuple[torch.Tensor, torch.Tensor]
 
@@ -207,8 +208,6 @@ class EDMObjective(Objective):
 
 def boundary_sigma(process) -> float:
     """s_min = sigma / alpha at the time where every grid ends (``grids.end_time``): the consistency boundary."""
-    from .grids import end_time  # grids -> schedules -> processes; kept out of this module's import time
-
     t = torch.tensor(float(end_time(process)), dtype=torch.float64)
     return float(process.sigma(t) / process.alpha(t))
 
@@ -231,8 +230,8 @@ class ConsistencyObjective(Objective):
 
     def __init__(self, base: str = "edm", sigma_data: float = 0.5, sigma_max: Optional[float] = None):
         if base == "consistency" or base not in OBJECTIVES:
-            raise ValueError(f"objective.base must be one of {', '.join(n for n in OBJECTIVES.names() if n != 'consistency')}, "
-                             f"got {base!r}")
+            known = ", ".join(n for n in OBJECTIVES.names() if n != "consistency")
+            raise ValueError(f"objective.base must be one of {known}, got {base!r}")
         if sigma_data <= 0:
             raise ValueError(f"objective.sigma_data must be > 0, got {sigma_data}")
         self.base = OBJECTIVES.build(base, **({"sigma_data": sigma_data} if base == "edm" else {}))
@@ -272,7 +271,8 @@ class ConsistencyObjective(Objective):
         tt = t if process.discrete else t.to(torch.float64)
         a, sigma = _shape(process.alpha(tt), x_t), _shape(process.sigma(tt), x_t)  # float64 alpha: f = y exactly
         y = x_t / a
-        x0 = _shape(c_skip, x_t) * y + _shape(ratio, x_t) * (x0_base - _shape(self.sigma_data**2 / (s**2 + self.sigma_data**2), x_t) * y)
+        c_skip_edm = self.sigma_data**2 / (s**2 + self.sigma_data**2)
+        x0 = _shape(c_skip, x_t) * y + _shape(ratio, x_t) * (x0_base - _shape(c_skip_edm, x_t) * y)
         return x0, (x_t - a * x0) / sigma
 
     def target(self, x0, eps, process, t):
