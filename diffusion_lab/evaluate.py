@@ -28,6 +28,7 @@ from .config.build import resolve_device
 from .config.preflight import checked_main, run_command
 from .config.trained import check_steps, generate, load_trained, make_fid_evaluator, sampler_settings
 from .data.images import save_grid
+from .diffusion import guidance
 from .diffusion.conditioning import balanced_labels
 from .diffusion.samplers import build_sampler, num_evaluations, num_steps, setting_label, steps_for
 from .evaluation.features import class_accuracy
@@ -127,7 +128,8 @@ def teacher_jobs(cfg: DictConfig, trained, device: torch.device) -> List[tuple]:
         console.info(f"teacher {source} not scored: {str(error).splitlines()[0]}")
         return []
     name = teacher.config.sampler.name
-    base = {**sampler_settings(OmegaConf.create({"name": name})), **OmegaConf.to_container(teacher.config.sampler)}
+    own = {k: v for k, v in OmegaConf.to_container(teacher.config.sampler).items() if k not in guidance.KEYS}
+    base = {**sampler_settings(OmegaConf.create({"name": name})), **own}  # guided only if asked, as every entry
     return [(teacher, {**base, "steps": steps_for(name, nfe)}) for nfe in cfg.teacher_nfe]
 
 

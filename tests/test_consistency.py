@@ -363,6 +363,10 @@ def test_evaluate_scores_the_teacher_beside_and_compare_keeps_them_apart(teacher
     import json
     assert json.loads((tmp_path / "eval" / "fid_vs_cost.json").read_text())["teacher"] == str(teacher)
     assert [r["nfe"] for r in read_evaluation(tmp_path / "eval", {}).rows] == [1, 2]
+    from diffusion_lab.evaluation.plots import fid_vs_cost_figure
+
+    legend = [t.get_text() for t in fid_vs_cost_figure(rows, "x").axes[0].get_legend().get_texts()]
+    assert "teacher: dpm_solver_3m" in legend and "consistency" in legend  # not guided: no "w=1"
 
 
 @pytest.mark.parametrize("name, sigma_max", [("edm", None), ("cosine", 20.0)])

@@ -153,8 +153,10 @@ def denoising_trajectory(trajectory, path: Path, num_images: int = 4) -> Path:
 
 
 def _setting(row: Dict) -> tuple:
-    """(sampler, guidance scale w or None): what one line of fid_vs_cost.png holds."""
-    return row["sampler"], row.get("guidance_scale")
+    """(sampler, guidance scale w or None): what one line of fid_vs_cost.png holds; a teacher's rows (scored
+    beside a consistency model) are its own line."""
+    name = ("teacher: " if row.get("model") == "teacher" else "") + row["sampler"]
+    return name, row.get("guidance_scale")
 
 
 def _setting_label(setting: tuple) -> str:

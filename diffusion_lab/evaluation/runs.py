@@ -18,7 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..files import first_line, read_jsonl
 
-IGNORED = ("logger", "train.resume", "run_name", "device")  # keys (and key prefixes) that never tell runs apart
+# keys (and key prefixes) that never tell runs apart; train.teacher is each seed's own teacher run (its kind is in
+# the student's schedule and objective.base), so students of the seeds' teachers are one setting
+IGNORED = ("logger", "train.resume", "run_name", "device", "train.teacher")
 NUMBERS = ("final_loss", "best_fid", "final_fid", "fid_floor", "wall_time_s", "train_images_per_s")
 COUNTS = ("steps", "fid_floor_n")
 ROW_NUMBERS = ("loss", "fid")  # metrics.jsonl values compare reads
