@@ -50,7 +50,7 @@ def guidance_scales(cfg: DictConfig, labels: Optional[torch.Tensor]) -> List[Opt
 
 def file_tag(label: str) -> str:
     """A setting's label as a file name part: `heun, 10 steps, 19 NFE` -> `heun_10steps_19nfe`."""
-    return "_".join(part.replace(" ", "").lower() for part in label.split(", "))
+    return "_".join(part.replace(" ", "").replace(":", "-").lower() for part in label.split(", "))
 
 
 def score(cfg: DictConfig, trained, evaluator, settings: Dict, labels: Optional[torch.Tensor], run_dir: Path,

@@ -167,13 +167,13 @@ def plot(found: Sequence[Point], floors: Sequence[float], path: Path, title: str
         lines[(p.setting, p.sampler)].append(p)
     colours = {s: f"C{i % 10}" for i, s in enumerate(dict.fromkeys(p.setting for p in found))}
     styles = {s: ["-", "--", ":", "-."][i % 4] for i, s in enumerate(dict.fromkeys(p.sampler for p in found))}
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(8, 5 + 0.16 * (len(lines) + len(set(floors)))))  # room for the legend below
     for (setting, sampler), pts in lines.items():
         means = [interval(list(p.fids.values()), LEVEL) for p in pts]
         seeds = max(len(p.fids) for p in pts)
         ax.errorbar([p.nfe for p in pts], [m for m, _ in means], yerr=[h or 0.0 for _, h in means], marker="o",
                     capsize=3, color=colours[setting], ls=styles[sampler],
-                    label=f"{pts[0].name()} ({seeds} seed{'s' * (seeds > 1)})")
+                    label="\n".join(textwrap.wrap(f"{pts[0].name()} ({seeds} seed{'s' * (seeds > 1)})", 140)))
     for floor in sorted(set(floors)):
         ax.axhline(floor, ls="--", color="gray", label=f"noise floor {floor:.2f}")
     nfes = sorted({p.nfe for p in found})
@@ -182,8 +182,10 @@ def plot(found: Sequence[Point], floors: Sequence[float], path: Path, title: str
     ax.set_xticks(nfes, [str(n) for n in nfes])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.title.set_fontsize(8)
-    ax.legend(fontsize=6, loc="upper right")
+    legend = ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.12))  # below: never over a point
     fig.tight_layout()
+    fig.subplots_adjust(bottom=min(0.6, 0.12 + legend.get_window_extent(fig.canvas.get_renderer()).height
+                                   / fig.bbox.height))
     return save_figure(fig, path)
 
 
