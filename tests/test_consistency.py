@@ -385,3 +385,25 @@ def test_the_2_and_4_step_samplers_sample_on_the_default_cd_levels(name, sigma_m
         assert set(times) <= {round(t, 9) for t in levels}, (steps, times)
         if steps == 2:
             assert not set(times) <= {round(t, 9) for t in eighteen}
+
+
+def test_distillation_from_a_continuous_class_conditional_teacher(tmp_path):
+    """An EDM, class-conditional teacher: the student (base=edm on its process) distils with labels, and the
+    consistency sampler guides it (w = 2) with one evaluation per step and per branch."""
+    from diffusion_lab.config.trained import load_trained
+    from diffusion_lab.diffusion.samplers import build_sampler
+
+    continuous = ["schedule=edm", "model.num_classes=auto"]
+    teacher_dir = tmp_path / "teacher"
+    train(compose_config(RUN + continuous + ["objective=edm", "train.steps=2"]), teacher_dir)
+    student_dir = tmp_path / "student"
+    summary = train(compose_config(RUN + continuous + STUDENT + ["objective.method=cd", "objective.base=edm",
+                                                                 f"train.teacher={teacher_dir}", "train.steps=2"]),
+                    student_dir)
+    assert summary["teacher"]["schedule"] == "edm" and summary["steps"] == 2
+    student = load_trained(student_dir, torch.device("cpu"))
+    model = student.objective.network(student.model, student.schedule)
+    sampler = build_sampler("consistency", steps=2, guidance_scale=2.0)
+    x = sampler(model, student.schedule, student.objective, torch.randn(4, 1, 8, 8), y=torch.tensor([0, 1, 2, 3]),
+                generator=torch.Generator().manual_seed(0))
+    assert x.shape == (4, 1, 8, 8) and bool(torch.isfinite(x).all())

@@ -236,6 +236,8 @@ def test_class_conditional_unet(name, kwargs):
     with torch.no_grad():
         outs = [cond(x, t, torch.full((4,), k)) for k in range(4)]
         torch.testing.assert_close(cond(x, t), outs[3], rtol=0, atol=0)  # no labels = the null class
+        c_noise = torch.log(torch.tensor([0.01, 0.5, 2.0, 80.0])) / 4  # a continuous process's float noise input
+        torch.testing.assert_close(cond(x, c_noise), cond(x, c_noise, torch.full((4,), 3)), rtol=0, atol=0)
         assert all((outs[i] - outs[j]).abs().max() > 1e-4 for i in range(4) for j in range(i))
         cond.label_emb.weight.zero_()  # a zero label embedding is the unconditional network exactly
         cond.load_state_dict({**plain.state_dict(), "label_emb.weight": cond.label_emb.weight})

@@ -293,7 +293,7 @@ class _UNet(nn.Module):
                 raise ValueError("labels given to an unconditional model (built with num_classes=None)")
             return temb
         if y is None:
-            y = torch.full_like(t, self.num_classes)
+            y = torch.full(t.shape, self.num_classes, dtype=torch.long, device=t.device)  # t may be a float c_noise
         return temb + self.label_emb(y).to(temb.dtype)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
