@@ -26,7 +26,8 @@ from . import console, files
 from .config import CONF_DIR
 from .config.build import resolve_device
 from .config.preflight import checked_main, run_command
-from .config.trained import check_steps, generate, load_trained, make_fid_evaluator, sampler_settings
+from .config.trained import (check_steps, generate, load_trained, make_fid_evaluator, sampler_notice,
+                             sampler_settings)
 from .data.images import save_grid
 from .diffusion import guidance
 from .diffusion.conditioning import balanced_labels
@@ -141,6 +142,10 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> List[Dict]:
     every = [sampler_settings(entry) for entry in cfg.samplers]
     for settings in every:
         check_steps(settings, trained)
+    for name in dict.fromkeys(settings["name"] for settings in every):
+        notice = sampler_notice(trained, name)
+        if notice:
+            console.info(notice)
     labels = balanced_labels(trained.model, cfg.num_samples)
     scales = guidance_scales(cfg, labels)
     evaluator = make_fid_evaluator(cfg.eval, trained.config, device, cfg.num_samples)

@@ -24,7 +24,7 @@ from . import console, files
 from .config import CONF_DIR
 from .config.build import build_sampler, resolve_device
 from .config.preflight import checked_main, run_command
-from .config.trained import check_steps, generate, load_trained, make_fid_evaluator
+from .config.trained import check_steps, generate, load_trained, make_fid_evaluator, sampler_notice
 from .data.images import save_grid, to_uint8
 from .training import preemption
 from .training.loggers import log_linked_run
@@ -65,6 +65,9 @@ def sample(cfg: DictConfig, run_dir: Path) -> dict:
     device = resolve_device(cfg.device)
     trained = load_trained(Path(cfg.checkpoint), device)
     check_steps(OmegaConf.to_container(cfg.sampler), trained)
+    notice = sampler_notice(trained, cfg.sampler.name)
+    if notice:
+        console.info(notice)
     sampler = build_sampler(cfg)
     labels = asked_labels(cfg, trained.model)
     num_samples = cfg.num_samples if labels is None else len(labels)

@@ -407,3 +407,19 @@ def test_distillation_from_a_continuous_class_conditional_teacher(tmp_path):
     x = sampler(model, student.schedule, student.objective, torch.randn(4, 1, 8, 8), y=torch.tensor([0, 1, 2, 3]),
                 generator=torch.Generator().manual_seed(0))
     assert x.shape == (4, 1, 8, 8) and bool(torch.isfinite(x).all())
+
+
+def test_sampling_a_consistency_model_with_an_ode_sampler_says_so(teacher, tmp_path, capsys):
+    """`sample` with its default sampler (DPM-Solver++) on a consistency checkpoint prints one note naming
+    sampler=consistency; with sampler=consistency there is no note."""
+    from tests.helpers import run_main
+
+    student = tmp_path / "student"
+    train(compose_config(RUN + STUDENT + ["objective.method=cd", "objective.base=eps", f"train.teacher={teacher}",
+                                          "train.steps=1"]), student)
+    for sampler, noted in (([], True), (["sampler=consistency", "sampler.steps=1"], False)):
+        code, out, err = run_main("diffusion_lab.sample", [f"checkpoint={student}", "num_samples=4", *sampler,
+                                                           f"hydra.run.dir={tmp_path / ('s' + str(noted))}"],
+                                  tmp_path, capsys)
+        assert code == 0, err
+        assert ("is a consistency model; sampler=dpm_solver_3m uses it as a denoiser" in out + err) == noted

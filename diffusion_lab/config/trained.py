@@ -94,6 +94,15 @@ def wandb_group(path: Path) -> Optional[str]:
     return group if isinstance(group, str) else None
 
 
+def sampler_notice(trained: Trained, name: str) -> Optional[str]:
+    """One line when a consistency model is sampled with an ODE or SDE sampler (which uses f as a denoiser at
+    every step) instead of its own; None otherwise."""
+    if trained.objective.name != "consistency" or name == "consistency":
+        return None
+    return (f"note: this checkpoint is a consistency model; sampler={name} uses it as a denoiser at every step: "
+            f"its own sampler is sampler=consistency (sampler.steps=1, 2, ...)")
+
+
 def check_steps(settings: dict, trained: Trained) -> None:
     """A sampler cannot take more steps than the checkpoint's schedule has timesteps."""
     if not trained.schedule.discrete:
