@@ -25,6 +25,7 @@ from typing import Any, Dict, Optional
 
 from omegaconf import DictConfig
 
+from .. import files
 from . import run_lock
 from .progress import log
 from .run_dir import RUN_ARTEFACTS
@@ -91,7 +92,7 @@ def resume_if_requeued(cfg: DictConfig, run_dir: Path, job: Any) -> Optional[Dic
                 else:
                     path.unlink(missing_ok=True)
         elif not any((run_dir / name).exists() for name in RUN_ARTEFACTS):  # a dir holding a run stays untouched
-            marker.write_text(job.job_id)
+            files.write_text(marker, job.job_id)  # atomic: a torn id would misread a requeue
     return None
 
 
