@@ -403,10 +403,12 @@ def test_distillation_from_a_continuous_class_conditional_teacher(tmp_path):
     assert summary["teacher"]["schedule"] == "edm" and summary["steps"] == 2
     student = load_trained(student_dir, torch.device("cpu"))
     model = student.objective.network(student.model, student.schedule)
-    sampler = build_sampler("consistency", steps=2, guidance_scale=2.0)
-    x = sampler(model, student.schedule, student.objective, torch.randn(4, 1, 8, 8), y=torch.tensor([0, 1, 2, 3]),
-                generator=torch.Generator().manual_seed(0))
-    assert x.shape == (4, 1, 8, 8) and bool(torch.isfinite(x).all())
+    noise, y = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 3])
+    x = {w: build_sampler("consistency", steps=2, guidance_scale=w, clamp_final=False)(
+        model, student.schedule, student.objective, noise, y=y, generator=torch.Generator().manual_seed(0))
+        for w in (1.0, 2.0)}
+    assert x[2.0].shape == (4, 1, 8, 8) and bool(torch.isfinite(x[2.0]).all())
+    assert not torch.allclose(x[1.0], x[2.0]), "w = 2 applied no guidance"
 
 
 def test_sampling_a_consistency_model_with_an_ode_sampler_says_so(teacher, tmp_path, capsys):

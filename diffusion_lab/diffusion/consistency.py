@@ -166,7 +166,7 @@ class ConsistencyLoss:
 
     def __call__(self, model: Callable, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
                  **cond) -> torch.Tensor:
-        t, r = (t[:, 0], t[:, 1]) if not self.process.discrete else (t[:, 0].long(), t[:, 1].long())
+        t, r = t[:, 0], t[:, 1]  # sample_t's pairs: long for a discrete schedule, float64 otherwise
         x_t, _ = self.process.add_noise(x0, t, eps)
         f = denoiser(model, self.objective, self.process)
         with torch.no_grad():
@@ -195,7 +195,6 @@ def _check(process, objective, method, metric, teacher_solver, P_std, s0, s1, le
     """One-line ValueErrors for options a consistency recipe cannot use on this process."""
     if not isinstance(objective, ConsistencyObjective):
         raise ValueError(f"a consistency recipe needs objective=consistency, got objective={objective.name}")
-    METHODS.get(method)
     if metric not in ("pseudo_huber", "l2"):
         raise ValueError(f"objective.metric must be pseudo_huber or l2, got {metric!r}")
     if teacher_solver not in TEACHER_SOLVERS:

@@ -238,7 +238,6 @@ class ConsistencyObjective(Objective):
         if sigma_max is not None and sigma_max <= 0:
             raise ValueError(f"objective.sigma_max must be > 0 or null, got {sigma_max}")
         self.sigma_data, self.sigma_max = float(sigma_data), sigma_max
-        self._s_min = {}  # process id -> s_min
 
     def grid(self, name: str):
         """A karras or logsnr grid that starts at s = sigma_max (where training and sampling start), else the name
@@ -246,12 +245,6 @@ class ConsistencyObjective(Objective):
         if self.sigma_max is None or name not in ("karras", "logsnr"):
             return name
         return {"name": name, "lambda_min_clipped": -math.log(self.sigma_max)}
-
-    def s_min(self, process) -> float:
-        key = id(process)
-        if key not in self._s_min:
-            self._s_min[key] = boundary_sigma(process)
-        return self._s_min[key]
 
     def check(self, process):
         self.base.check(process)
@@ -262,7 +255,7 @@ class ConsistencyObjective(Objective):
     def coefficients(self, process, t: torch.Tensor):
         """(c_skip, c_out / c_out_edm, s) [B] float64 at times t."""
         t = t if process.discrete else t.to(torch.float64)
-        s, d, s_min = process.sigma(t) / process.alpha(t), self.sigma_data, self.s_min(process)
+        s, d, s_min = process.sigma(t) / process.alpha(t), self.sigma_data, boundary_sigma(process)
         return d**2 / ((s - s_min) ** 2 + d**2), 1.0 - s_min / s, s
 
     def to_x0_eps(self, pred, x_t, process, t):
