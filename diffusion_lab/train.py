@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import console
 from .config import CONF_DIR
 from .config.build import build_components, build_dataset, resolve_device
+from .config.latent import build_latent
 from .config.preflight import checked_main, refusals
 from .config.teacher import attach_teacher
 from .config.validation import validate
@@ -89,24 +90,31 @@ def configured_device(cfg: DictConfig) -> torch.device:
         raise ConfigError(str(error)) from error
 
 
-def build_data(cfg: DictConfig, ranks: Ranks, device: torch.device) -> tuple:
-    """(dataset, components, loader); a builder that refuses the config is a one-line ConfigError."""
+def build_data(cfg: DictConfig, ranks: Ranks, device: torch.device, saved: Optional[Dict[str, Any]] = None) -> tuple:
+    """(pixels, dataset, components, loader): dataset is what training reads, the train images or, with
+    `latent=`, their cached latents; a builder that refuses the config is a one-line ConfigError."""
     t = cfg.train
     try:
-        dataset = build_dataset(cfg)
-        parts = build_components(cfg, device, dataset.image_size, dataset.channels, dataset.num_classes)
+        pixels = build_dataset(cfg)
+        latent = build_latent(cfg, pixels, device, (saved or {}).get("latent"), write_cache=ranks.is_main)
+        space, dataset = latent or (None, pixels)
+        parts = build_components(cfg, device, dataset.image_size, dataset.channels, dataset.num_classes, space)
         loader = ResumableLoader(dataset, micro_batch_size(t.batch_size, t.grad_accum_steps), cfg.seed,
                                  hflip=dataset.hflip, num_workers=t.num_workers, device=device, rank=ranks.rank,
                                  world_size=ranks.world_size)
     except (ValueError, TypeError) as error:
         raise ConfigError(str(error).splitlines()[0]) from error
-    return dataset, parts, loader
+    if space is not None:
+        log.info(f"latent space: {space.describe()}; train latents {'x'.join(map(str, parts.image_shape))}, "
+                 f"standardised per channel to std {space.target_std:g}")
+    return pixels, dataset, parts, loader
 
 
-def build(cfg: DictConfig, ranks: Ranks, device: torch.device) -> Run:
-    """Data, components, EMA, optimizer step, the (DDP) forward and the FID tracker of `cfg`."""
+def build(cfg: DictConfig, ranks: Ranks, device: torch.device, saved: Optional[Dict[str, Any]] = None) -> Run:
+    """Data, components, EMA, optimizer step, the (DDP) forward and the FID tracker of `cfg` (`saved`: the
+    checkpoint it resumes, whose latent space it must use)."""
     t = cfg.train
-    dataset, parts, loader = build_data(cfg, ranks, device)
+    pixels, dataset, parts, loader = build_data(cfg, ranks, device, saved)
     teacher = attach_teacher(cfg, parts, device)  # before the EMA copies the (maybe teacher-initialised) weights
     model = parts.model
     if device.type == "cuda":
@@ -119,8 +127,8 @@ def build(cfg: DictConfig, ranks: Ranks, device: torch.device) -> Run:
     step_fn = TrainStep(model, optimizer, device, t.precision, t.grad_clip, warmup, ema,
                        lr_schedule=t.lr_schedule, total_steps=t.steps, grad_accum_steps=t.grad_accum_steps)
     net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if ranks.active else model
-    fid = FIDTracker(cfg.eval, lambda split: dataset if split == "train" else build_dataset(cfg, split), device,
-                     seed=cfg.seed)
+    fid = FIDTracker(cfg.eval, lambda split: pixels if split == "train" else build_dataset(cfg, split), device,
+                     seed=cfg.seed, shape=parts.image_shape)
     if ranks.active:  # every rank built the same weights from cfg.seed; dropout masks must differ between ranks
         torch.manual_seed(int(np.random.SeedSequence([cfg.seed, ranks.rank]).generate_state(1)[0]))
     c, h, w = parts.image_shape
@@ -128,7 +136,7 @@ def build(cfg: DictConfig, ranks: Ranks, device: torch.device) -> Run:
                forward=torch.compile(net) if t.compile else net,
                noise_generator=torch.Generator(device=device).manual_seed(cfg.seed + 1),
                grid_noise=torch.randn((t.num_grid_samples, c, h, w), generator=torch.Generator().manual_seed(cfg.seed)),
-               teacher=teacher)
+               teacher=teacher, pixels=pixels)
 
 
 def train(cfg: DictConfig, run_dir: Path, group: Optional[str] = None, overrides: Sequence[str] = (),
@@ -151,7 +159,7 @@ def train_claimed(cfg: DictConfig, ranks: Ranks, device: torch.device, out: Outp
                   saved: Optional[Dict[str, Any]], naming: tuple) -> Dict[str, Any]:
     """Build, restore, loop and finish one claimed run; naming is (group, overrides, swept)."""
     seed_everything(cfg.seed)
-    run = build(cfg, ranks, device)
+    run = build(cfg, ranks, device, saved)
     state = new_state(run, OmegaConf.to_container(cfg, resolve=True))
     if saved is not None:
         restore(state, saved, source, out)

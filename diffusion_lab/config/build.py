@@ -73,9 +73,10 @@ def build_sampler(cfg: DictConfig) -> Callable[..., torch.Tensor]:
 
 
 def build_components(cfg: DictConfig, device: torch.device, image_size: int, channels: int,
-                     data_classes: Optional[int] = None) -> Components:
-    """Model, schedule, objective and sampler for images of (channels, image_size, image_size) whose data has
-    ``data_classes`` classes (None: unlabelled); a conditional model must be able to embed every label."""
+                     data_classes: Optional[int] = None, latent=None) -> Components:
+    """Model, schedule, objective and sampler for images (or latents: `latent` is their space) of
+    (channels, image_size, image_size) whose data has ``data_classes`` classes (None: unlabelled); a conditional
+    model must be able to embed every label."""
     model = build_model(cfg, image_size, channels, data_classes)
     conditioning.check_data(getattr(model, "num_classes", None), data_classes, cfg.data.name)
     process, objective = build_schedule(cfg).to(device), build_objective(cfg)
@@ -86,6 +87,7 @@ def build_components(cfg: DictConfig, device: torch.device, image_size: int, cha
         sampler=build_sampler(cfg),
         image_shape=(channels, image_size, image_size),
         loss=build_loss(cfg, process, objective),
+        latent=latent,
     )
 
 

@@ -20,14 +20,22 @@ def _node(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
+def space_of(latent) -> str:
+    return "pixel space" if latent is None else f"the latent space of {latent.describe()}"
+
+
 def check_teacher(cfg: DictConfig, teacher: Trained, student: torch.nn.Module, image_shape: tuple,
-                  source: Path) -> None:
-    """One-line ConfigError when the teacher cannot teach this student: other data or image shape, other
-    classes, another process, a consistency model itself, or weights that do not fit an init from it."""
+                  source: Path, latent=None) -> None:
+    """One-line ConfigError when the teacher cannot teach this student: other data, image shape or latent space,
+    other classes, another process, a consistency model itself, or weights that do not fit an init from it."""
     t_cfg, where = teacher.config, f"train.teacher={source}"
     shape, own = ("x".join(map(str, s)) for s in (teacher.image_shape, image_shape))
     if t_cfg.objective.name == "consistency":
         raise ConfigError(f"{where} is a consistency model; a teacher is a diffusion run (its ODE is distilled)")
+    theirs, ours = (None if s is None else s.codec.identity["sha256"] for s in (teacher.latent, latent))
+    if theirs != ours:
+        raise ConfigError(f"{where} diffuses in {space_of(teacher.latent)}, this run in {space_of(latent)}: a student "
+                          f"shares its teacher's latent space (set latent= as the teacher's run did)")
     if t_cfg.data.name != cfg.data.name or tuple(teacher.image_shape) != tuple(image_shape):
         raise ConfigError(f"{where} was trained on data={t_cfg.data.name} at {shape}; this run is data={cfg.data.name} "
                           f"at {own}")
@@ -62,7 +70,7 @@ def attach_teacher(cfg: DictConfig, parts, device: torch.device) -> Optional[Dic
         teacher = load_trained(source, device)
     except (OSError, ValueError, KeyError) as error:
         raise ConfigError(f"train.teacher={teacher_dir}: {str(error).splitlines()[0]}") from error
-    check_teacher(cfg, teacher, parts.model, parts.image_shape, source)
+    check_teacher(cfg, teacher, parts.model, parts.image_shape, source, parts.latent)
     teacher.model.requires_grad_(False)
     if cfg.train.init_from_teacher:
         parts.model.load_state_dict(teacher.model.state_dict())

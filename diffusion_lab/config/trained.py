@@ -20,7 +20,10 @@ from ..evaluation.tracker import build_evaluator
 from ..training import checkpoint
 from ..training import run_dir as run_dirs
 from . import CONF_DIR
+from ..latent.space import SAMPLER_OPTIONS as LATENT_SAMPLER_OPTIONS
+from ..latent.space import LatentSpace
 from .build import build_dataset, build_model, build_objective, build_schedule
+from .latent import restore_latent
 
 
 @dataclass
@@ -34,6 +37,10 @@ class Trained:
     image_shape: tuple
     step: int
     source: dict  # the W&B run that trained it: {"run": id, "group": group} (None values without W&B)
+    latent: Optional[LatentSpace] = None  # the latent space it diffuses in (its codec's hash checked); None: pixels
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.latent is None else self.latent.decode(x)
 
 
 def load_trained(path: Path, device: torch.device) -> Trained:
@@ -48,7 +55,8 @@ def load_trained(path: Path, device: torch.device) -> Trained:
     model.eval()
     return Trained(model, build_schedule(cfg).to(device), build_objective(cfg), cfg,
                    tuple(state["image_shape"]), state["step"],
-                   {"run": state.get("wandb_run_id"), "group": wandb_group(path)})
+                   {"run": state.get("wandb_run_id"), "group": wandb_group(path)},
+                   restore_latent(state.get("latent"), device, what=str(path)))
 
 
 def ema_weights(path: Path, state: dict) -> dict:
@@ -115,8 +123,8 @@ def check_steps(settings: dict, trained: Trained) -> None:
 
 def generate(trained: Trained, sampler: Callable, num_samples: int, batch_size: int, seed: int,
              device: torch.device, progress: bool = True, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """num_samples images in [-1, 1] on the CPU, generated batch by batch from seeded noise; image i of a
-    conditional model has class ``labels[i]`` (guided as the sampler says)."""
+    """num_samples images in [-1, 1] on the CPU, generated batch by batch from seeded noise (latents decoded);
+    image i of a conditional model has class ``labels[i]`` (guided as the sampler says)."""
     generator = torch.Generator(device=device).manual_seed(seed)
     batches = []
     starts = range(0, num_samples, batch_size)
@@ -125,7 +133,9 @@ def generate(trained: Trained, sampler: Callable, num_samples: int, batch_size: 
                           device=device)
         y = None if labels is None else labels[start:start + len(x_T)].to(device)
         model = trained.objective.network(trained.model, trained.schedule)
-        batches.append(sampler(model, trained.schedule, trained.objective, x_T, y=y, generator=generator).cpu())
+        x_0 = sampler(model, trained.schedule, trained.objective, x_T, y=y, generator=generator,
+                      **(LATENT_SAMPLER_OPTIONS if trained.latent else {}))
+        batches.append(trained.to_pixels(x_0).cpu())
     return torch.cat(batches)
 
 

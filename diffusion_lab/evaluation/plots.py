@@ -125,8 +125,9 @@ def image_rows(rows: Dict[str, "torch.Tensor"], column_titles: Sequence[str], pa
 
 
 def forward_diffusion(x0: "torch.Tensor", schedules: Dict[str, object], timesteps: Sequence[int], path: Path,
-                      seed: int = 0) -> Path:
-    """The same images noised to increasing t, one row per (schedule, image), with the same noise."""
+                      seed: int = 0, view=None) -> Path:
+    """The same images noised to increasing t, one row per (schedule, image), with the same noise; `view` maps
+    each row to pixels (a latent run's decoder)."""
     import torch
 
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
@@ -137,7 +138,8 @@ def forward_diffusion(x0: "torch.Tensor", schedules: Dict[str, object], timestep
             x_t, _ = schedule.to("cpu").add_noise(image.expand(len(t), *image.shape), t,
                                                   noise[i].expand(len(t), *image.shape))
             scale = schedule.input_scale(t)  # what the network sees: unit variance on a VE / EDM path
-            rows[f"{name} #{i}"] = x_t if scale is None else x_t * scale.float().view(-1, *([1] * image.dim()))
+            x_t = x_t if scale is None else x_t * scale.float().view(-1, *([1] * image.dim()))
+            rows[f"{name} #{i}"] = x_t if view is None else view(x_t).cpu()
     return image_rows(rows, [f"t={t:g}" for t in timesteps], path, "forward diffusion q(x_t | x0)")
 
 

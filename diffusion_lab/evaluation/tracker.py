@@ -56,14 +56,16 @@ class FIDTracker:
 
     Evaluation runs under `torch.random.fork_rng`, so switching FID on or off never changes training.
     The starting noise is the same at every evaluation, so values compare over time.
-    datasets(split) -> that split of the run's data (FID's reference is split `eval.reference`).
+    datasets(split) -> that split of the run's images (FID's reference is split `eval.reference`); shape: of the
+    starting noise x_T when it is not the images' (a latent run's latents).
     """
 
-    def __init__(self, eval_cfg, datasets: Callable[[str], torch.utils.data.Dataset], device: torch.device, seed: int = 0):
+    def __init__(self, eval_cfg, datasets: Callable[[str], torch.utils.data.Dataset], device: torch.device, seed: int = 0,
+                 shape: Optional[tuple] = None):
         self.every = int(eval_cfg.every)
         self.num_samples, self.seed = int(eval_cfg.num_samples), seed
         train = datasets("train")
-        self.shape = (train.channels, train.image_size, train.image_size)
+        self.shape = tuple(shape or (train.channels, train.image_size, train.image_size))  # of the starting noise
         self.device = torch.device(device)
         self.history: list = []  # [(step, value)]
         self.sizes: list = []  # generated images behind each history value (None: from a checkpoint that did not say)

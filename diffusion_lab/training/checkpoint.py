@@ -24,12 +24,14 @@ log = logging.getLogger("diffusion_lab")
 
 # Keys that may differ between a run and its continuation (the rhythm of the run, not what it trains).
 RESUME_FREE_KEYS = ("train.steps", "train.resume", "train.log_every", "train.sample_every",
-                    "train.checkpoint_every", "train.max_bad_steps", "eval", "logger", "device", "run_name")
+                    "train.checkpoint_every", "train.max_bad_steps", "eval", "logger", "device", "run_name",
+                    "latent_space.cache_dir")
 REQUIRED_KEYS = ("step", "model", "train_step", "config", "image_shape")
 # Keys added after checkpoints were first written, with the value that reproduces the runs saved before them
 # (unconditional, unguided): a saved config without such a key compares as if it held this value.
 ADDED_KEYS = {"model.num_classes": None, "train.cond_drop_prob": 0.1, "sampler.guidance_scale": 1.0,
-              "sampler.guidance_interval": None, "sampler.guidance_rescale": 0.0}
+              "sampler.guidance_interval": None, "sampler.guidance_rescale": 0.0, "latent": None,
+              "latent_space.std": 1.0, "latent_space.pca_channels": 4, "latent_space.pca_factor": 4}
 
 # Checkpoints written before RNG states were stored as tensors hold numpy's MT19937 state as an
 # ndarray. These are exactly the numpy globals that unpickling a uint32 ndarray needs; the

@@ -26,6 +26,8 @@ from ..errors import error_line
 from ..evaluation.plots import (curves_per_size, denoising_trajectory, fid_title, forward_diffusion, plot_curves,
                                 plot_loss)
 from ..evaluation.tracker import FIDTracker
+from ..latent.space import SAMPLER_OPTIONS as LATENT_SAMPLER_OPTIONS
+from ..latent.space import LatentSpace
 from ..models import count_parameters
 from ..registry import SCHEDULES
 from . import checkpoint, preemption, progress
@@ -48,10 +50,17 @@ class Components:
     sampler: Callable[..., torch.Tensor]
     image_shape: tuple  # (channels, image_size, image_size)
     loss: Any  # the training recipe: losses.DiffusionLoss or consistency.ConsistencyLoss
+    latent: Optional[LatentSpace] = None  # the space it diffuses in; None: pixels
 
     def sample(self, net: torch.nn.Module, x_T: torch.Tensor, **runtime: Any) -> torch.Tensor:
-        """The configured sampler on ``net`` (seen in the process's coordinates) from unit noise x_T."""
-        return self.sampler(self.objective.network(net, self.schedule), self.schedule, self.objective, x_T, **runtime)
+        """The configured sampler on ``net`` (seen in the process's coordinates) from unit noise x_T (latents
+        when the run diffuses in a latent space: never clipped to [-1, 1])."""
+        options = {**(LATENT_SAMPLER_OPTIONS if self.latent else {}), **runtime}
+        return self.sampler(self.objective.network(net, self.schedule), self.schedule, self.objective, x_T, **options)
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Images of what the process holds: decoded latents, or x itself in pixel space."""
+        return x if self.latent is None else self.latent.decode(x)
 
 
 class Diverged(RuntimeError):
@@ -83,6 +92,7 @@ class Run:
     noise_generator: torch.Generator  # timesteps and noise, the same on every rank
     grid_noise: torch.Tensor  # fixed starting noise of the sample grids, so they compare over time
     teacher: Optional[Dict[str, Any]] = None  # the run a consistency model was distilled or tuned from
+    pixels: Any = None  # the train split's images when `dataset` holds their latents
 
     def loss(self, batch: Tuple[torch.Tensor, Optional[torch.Tensor]]) -> torch.Tensor:
         """The objective's loss on this rank's part of the batch (images, labels). Timesteps, noise and label
@@ -100,8 +110,8 @@ class Run:
         """Samples of the EMA model from x_T with the configured sampler (a conditional model: labels y, by
         default every class in turn)."""
         y = balanced_labels(self.parts.model, x_T.shape[0], self.device) if y is None else y
-        return self.parts.sample(self.ema.module, x_T.to(self.device),
-                                  y=y, generator=torch.Generator(device=self.device).manual_seed(seed))
+        return self.parts.to_pixels(self.parts.sample(self.ema.module, x_T.to(self.device), y=y,
+                                                      generator=torch.Generator(device=self.device).manual_seed(seed)))
 
     def sample_grid(self) -> Tuple[torch.Tensor, Optional[int]]:
         """(images, per row) of the sample grid from the fixed grid noise: one row per class when conditional."""
@@ -113,7 +123,8 @@ class Run:
 def new_state(run: Run, config: Dict[str, Any]) -> RunState:
     return RunState(run.parts.model, run.step_fn, run.loader, run.fid, run.noise_generator, run.ranks,
                     info={"config": config, "num_parameters": count_parameters(run.parts.model),
-                          "image_shape": run.parts.image_shape, "dataset_name": run.dataset.name})
+                          "image_shape": run.parts.image_shape, "dataset_name": run.dataset.name,
+                          **({"latent": run.parts.latent.state()} if run.parts.latent else {})})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,7 +279,8 @@ def write_pictures(cfg: DictConfig, dataset, parts, sample_model: torch.nn.Modul
         schedules = {process.name: process}
         times = [float(f"{t:.3g}") for t in sorted(grids.logsnr(process, 7).tolist())]  # even steps in logSNR
     x0 = torch.stack([dataset[i] for i in range(3)])
-    strip = forward_diffusion(x0, schedules, times, run_dir / "forward_diffusion.png", seed=cfg.seed)
+    strip = forward_diffusion(x0, schedules, times, run_dir / "forward_diffusion.png", seed=cfg.seed,
+                              view=lambda x: parts.to_pixels(x.to(x_T.device)))
     nfe = num_evaluations(cfg.sampler.name, sampler_options(cfg), process)
     trajectory = Trajectory(at=np.linspace(0, nfe - 1, min(nfe, 8)).round().astype(int).tolist())
     parts.sample(sample_model, x_T,
@@ -276,6 +288,8 @@ def write_pictures(cfg: DictConfig, dataset, parts, sample_model: torch.nn.Modul
     scale = process.input_scale(torch.tensor(trajectory.timesteps, dtype=torch.float64))  # as the network sees x_t
     if scale is not None:
         trajectory.x_t = [x * float(c) for x, c in zip(trajectory.x_t, scale)]
+    trajectory.x_t, trajectory.x0_pred = ([parts.to_pixels(x.to(x_T.device)).cpu() for x in xs]
+                                          for xs in (trajectory.x_t, trajectory.x0_pred))
     return {"forward_diffusion": strip, "trajectory": denoising_trajectory(trajectory, run_dir / "trajectory.png")}
 
 
