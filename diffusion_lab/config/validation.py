@@ -76,6 +76,9 @@ RULES: Sequence[Rule] = (
     _rule("train.checkpoint_every", int, _non_negative),
     _rule("train.max_bad_steps", int, _positive),
     _rule("train.overfit_batches", int, _non_negative),
+    _rule("latent_space.std", float, _positive),
+    _rule("latent_space.pca_channels", int, _positive),
+    _rule("latent_space.pca_factor", int, _positive),
     _rule("eval.every", int, _non_negative),
     _rule("eval.num_samples", int, _positive),
     _rule("eval.batch_size", int, _positive),
@@ -209,6 +212,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.resume={resume!r} must be auto, an existing checkpoint file or a run dir with one")
     _check_sampler_fits_schedule(cfg)
     _check_teacher(cfg)
+    _check_latent(cfg)
     _check_sampling(cfg)
     _check_lr_schedule(cfg)
     _check_grad_accum(cfg)
@@ -227,6 +231,21 @@ def _check_teacher(cfg: DictConfig) -> None:
         raise ConfigError(f"objective.method={method} needs train.teacher=RUN_DIR (a trained diffusion run)")
     if teacher is not None and not run_dir.checkpoint_file(Path(str(teacher))).is_file():
         raise ConfigError(f"train.teacher={teacher!r} must be an existing checkpoint file or a run dir with one")
+
+
+def _check_latent(cfg: DictConfig) -> None:
+    """latent= names pca, an existing diffusers folder or an existing autoencoder run (it is loaded later)."""
+    spec = OmegaConf.select(cfg, "latent", default=None)
+    if spec is None:
+        return
+    from .latent import parse  # the latent spaces' modules import torch; pixel runs never need them here
+
+    kind, arg = parse(str(spec))
+    if kind == "diffusers" and not Path(arg).expanduser().is_dir():
+        raise ConfigError(f"latent=diffusers:{arg}: no such folder (a diffusers AutoencoderKL saved with save_pretrained)")
+    if kind == "autoencoder" and not run_dir.checkpoint_file(Path(str(arg))).is_file():
+        raise ConfigError(f"latent={arg!r} must be pca, diffusers:DIR or an autoencoder run (python -m "
+                          f"diffusion_lab.autoencoder) with a checkpoint")
 
 
 def _check_lr_schedule(cfg: DictConfig) -> None:
