@@ -82,6 +82,11 @@ RULES: Sequence[Rule] = (
     _rule("eval.every", int, _non_negative),
     _rule("eval.num_samples", int, _positive),
     _rule("eval.batch_size", int, _positive),
+    _rule("autoencoder.factor", int, _one_of(1, 2, 4, 8)),
+    _rule("autoencoder.latent_channels", int, _positive),
+    _rule("autoencoder.width", int, _positive),
+    _rule("autoencoder.norm_groups", int, _positive),
+    _rule("autoencoder.kl_weight", float, _non_negative),
 )
 
 
