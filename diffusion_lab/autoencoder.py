@@ -27,7 +27,7 @@ from .data.datasets import DatasetNotFoundError
 from .data.loader import ResumableLoader
 from .errors import ConfigError, fail
 from .evaluation.plots import plot_loss
-from .latent.autoencoder_run import WEIGHTS, build_autoencoder, reconstruct
+from .latent.autoencoder_run import WEIGHTS, build_autoencoder
 from .registry import UnknownChoiceError
 from .train import checkpoint_to_resume, configured_device, seed_everything
 from .training import distributed, preemption, progress
@@ -108,7 +108,7 @@ def held_out_summary(run: AutoencoderRun, step: int, stopped: bool) -> Dict[str,
         fid.history = [entry for entry in fid.history if entry[0] != step] + [(step, result.value)]
     if fid.last is not None:
         log.info(fid.line(fid.last))
-    errors = held_out_errors(reconstruct(run.ema.module, fid.images), fid.images)
+    errors = held_out_errors(run.ema.module.reconstruct(fid.images), fid.images)
     return {**fid.summary(), **{f"test_{k}": v for k, v in errors.items()}, "test_n": len(fid.images)}
 
 

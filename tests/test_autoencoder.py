@@ -7,7 +7,7 @@ import torch
 
 from diffusion_lab.autoencoder import train_autoencoder
 from diffusion_lab.evaluation.plots import read_metrics
-from diffusion_lab.latent.autoencoder_run import build_autoencoder, load_autoencoder, reconstruct
+from diffusion_lab.latent.autoencoder_run import build_autoencoder, load_autoencoder
 from diffusion_lab.latent.hashing import tensor_hash
 from diffusion_lab.models.autoencoder import KLAutoencoder, kl_divergence
 from diffusion_lab.training import checkpoint
@@ -90,7 +90,7 @@ def test_training_improves_the_round_trip(tmp_path):
     torch.manual_seed(0)
     untrained = build_autoencoder(dict(cfg.autoencoder), channels=1).eval()
     test = torch.stack([build_dataset(cfg, "test")[i] for i in range(64)])
-    error = {name: (reconstruct(m, test) - test).abs().mean().item() for name, m in
+    error = {name: (m.reconstruct(test) - test).abs().mean().item() for name, m in
              (("trained", trained), ("untrained", untrained))}
     assert error["trained"] < 0.7 * error["untrained"], error
     assert longer["test_recon_l1"] == pytest.approx(error["trained"], rel=1e-5)  # summary: the EMA's held-out L1

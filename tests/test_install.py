@@ -72,13 +72,16 @@ def complete(target: Path, script: str, line: str, cwd: Path) -> list:
 @pytest.mark.slow
 def test_console_scripts_complete_config_groups(installed, tmp_path):
     for script in ("diffusion-lab-train", "diffusion-lab-sample", "diffusion-lab-evaluate",
-                   "diffusion-lab-compare", "diffusion-lab-sampler-lab", "diffusion-lab-metric-check"):
+                   "diffusion-lab-compare", "diffusion-lab-sampler-lab", "diffusion-lab-metric-check",
+                   "diffusion-lab-autoencoder"):
         assert (installed / "bin" / script).is_file(), script
     assert sorted(complete(installed, "diffusion-lab-train", "diffusion-lab-train schedule=", tmp_path)) == [
         "schedule=cosine", "schedule=edm", "schedule=flow", "schedule=linear", "schedule=ve", "schedule=vp"]
     assert "objective=" in complete(installed, "diffusion-lab-train", "diffusion-lab-train schedule=cosine obj",
                                     tmp_path)
     assert "sampler=heun" in complete(installed, "diffusion-lab-sample", "diffusion-lab-sample sampler=h", tmp_path)
+    assert "autoencoder.factor=" in complete(installed, "diffusion-lab-autoencoder",
+                                             "diffusion-lab-autoencoder autoencoder.fa", tmp_path)
     help_text = subprocess.run([str(installed / "bin" / "diffusion-lab-compare"), "--help"], capture_output=True,
                                text=True, env={**os.environ, "PYTHONPATH": str(installed)}, timeout=120)
     assert help_text.returncode == 0 and "usage" in help_text.stdout

@@ -20,7 +20,6 @@ from ..evaluation.tracker import build_evaluator
 from ..training import checkpoint
 from ..training import run_dir as run_dirs
 from . import CONF_DIR
-from ..latent.space import SAMPLER_OPTIONS as LATENT_SAMPLER_OPTIONS
 from ..latent.space import LatentSpace
 from .build import build_dataset, build_model, build_objective, build_schedule
 from .latent import restore_latent
@@ -59,20 +58,11 @@ def load_trained(path: Path, device: torch.device) -> Trained:
                    restore_latent(state.get("latent"), device, what=str(path)))
 
 
-def ema_weights(path: Path, state: dict) -> dict:
-    """The EMA weights that a trained run samples with; CheckpointError if the checkpoint holds none."""
-    ema = state["train_step"].get("ema") if isinstance(state["train_step"], dict) else None
-    weights = ema.get("module") if isinstance(ema, dict) else None
-    if not isinstance(weights, dict):
-        raise checkpoint.CheckpointError(f"{path} holds no EMA weights (train_step.ema.module) to sample from")
-    return weights
-
-
 def checked_model(path: Path, state: dict, cfg: DictConfig, device: torch.device) -> torch.nn.Module:
     """The model of `cfg` holding the checkpoint's EMA weights. The architecture is first built on the meta
     device (no memory) and its keys and shapes compared with the weights, so a saved config that does not
     describe them (edited, foreign, huge) is refused with one line before any real allocation."""
-    weights = ema_weights(path, state)
+    weights = checkpoint.ema_weights(path, state)
     channels, image_size, _ = state["image_shape"]
     embedding = weights.get("label_emb.weight")  # resolves model.num_classes=auto: K + 1 rows
     classes = embedding.shape[0] - 1 if torch.is_tensor(embedding) else None
@@ -134,7 +124,7 @@ def generate(trained: Trained, sampler: Callable, num_samples: int, batch_size: 
         y = None if labels is None else labels[start:start + len(x_T)].to(device)
         model = trained.objective.network(trained.model, trained.schedule)
         x_0 = sampler(model, trained.schedule, trained.objective, x_T, y=y, generator=generator,
-                      **(LATENT_SAMPLER_OPTIONS if trained.latent else {}))
+                      **(trained.latent.sampler_options if trained.latent else {}))
         batches.append(trained.to_pixels(x_0).cpu())
     return torch.cat(batches)
 

@@ -22,14 +22,6 @@ def build_autoencoder(node: Dict[str, Any], channels: int) -> KLAutoencoder:
     return KLAutoencoder(channels=channels, **{k: node[k] for k in ARCHITECTURE_KEYS if k in node})
 
 
-@torch.no_grad()
-def reconstruct(model: KLAutoencoder, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """decode(posterior mean of encode(x)) of [-1, 1] images, batch by batch on the model's device, on the CPU."""
-    device = next(model.parameters()).device
-    parts = [model.decode(model.encode(x.to(device))[0]).cpu() for x in images.split(batch_size)]
-    return torch.cat(parts)
-
-
 def autoencoder_node(path: Path, state: Dict[str, Any]) -> Dict[str, Any]:
     """The saved config's `autoencoder` node; CheckpointError when the checkpoint is not an autoencoder run's."""
     node = state["config"].get("autoencoder") if isinstance(state["config"], dict) else None
@@ -38,15 +30,6 @@ def autoencoder_node(path: Path, state: Dict[str, Any]) -> Dict[str, Any]:
                                          f"autoencoder node; a diffusion run?): train one with "
                                          f"python -m diffusion_lab.autoencoder")
     return node
-
-
-def ema_weights(path: Path, state: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-    """The EMA weights (train_step.ema.module) of a checkpoint; CheckpointError when it holds none."""
-    ema = state["train_step"].get("ema") if isinstance(state["train_step"], dict) else None
-    weights = ema.get("module") if isinstance(ema, dict) else None
-    if not isinstance(weights, dict):
-        raise checkpoint.CheckpointError(f"{path} holds no EMA weights (train_step.ema.module)")
-    return weights
 
 
 def checked_autoencoder(path: Path, node: Dict[str, Any], channels: int,
@@ -73,7 +56,7 @@ def load_autoencoder(path: Path, device: Any = "cpu") -> Tuple[KLAutoencoder, Di
     state = checkpoint.load(file)  # "no checkpoint at ..." for a path without one
     node = autoencoder_node(file, state)
     channels, height, width = (int(v) for v in state["image_shape"])
-    weights = ema_weights(file, state)
+    weights = checkpoint.ema_weights(file, state)
     model = checked_autoencoder(file, node, channels, weights)
     try:
         latent_shape = list(model.latent_shape(height))

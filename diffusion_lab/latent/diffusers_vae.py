@@ -19,8 +19,10 @@ class DiffusersCodec:
     used: the latent space standardises every channel itself)."""
 
     def __init__(self, folder: str, device, channels: int):
-        from diffusers import AutoencoderKL
-
+        try:
+            from diffusers import AutoencoderKL
+        except ImportError as error:
+            raise CheckpointError(f"latent=diffusers:{folder} needs diffusers: pip install diffusers") from error
         path = Path(folder).expanduser()
         if not (path / "config.json").is_file():
             raise CheckpointError(f"latent=diffusers:{folder}: no diffusers AutoencoderKL folder there (no config.json)")

@@ -23,7 +23,6 @@ import torch
 from .. import console, files
 from ..data.datasets import TensorImageDataset
 
-SAMPLER_OPTIONS = {"clip_x0": False, "clamp_final": False}  # latents are not in [-1, 1]: the decoded pixels are clamped
 
 
 class Codec(Protocol):
@@ -47,6 +46,7 @@ class LatentSpace:
     std: torch.Tensor  # [C]
     target_std: float = 1.0
     pixel_shape: Optional[tuple] = None  # (C, H, W) of the images it encodes
+    sampler_options = {"clip_x0": False, "clamp_final": False}  # latents are not in [-1, 1]: decoded pixels are clamped
 
     def _view(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return v.to(like.device, like.dtype).view(1, -1, 1, 1)

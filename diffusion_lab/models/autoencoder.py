@@ -74,6 +74,12 @@ class KLAutoencoder(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)
 
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """decode(posterior mean of encode(x)) of [-1, 1] images, batch by batch on the model's device, on the CPU."""
+        device = next(self.parameters()).device
+        return torch.cat([self.decode(self.encode(x.to(device))[0]).cpu() for x in images.split(batch_size)])
+
     def forward(self, x: torch.Tensor, generator: torch.Generator = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x_rec, mean, logvar) with z = mean + exp(logvar / 2) * noise (the reparameterisation trick)."""
         mean, logvar = self.encode(x)

@@ -17,7 +17,6 @@ from ..data.images import save_grid
 from ..data.loader import ResumableLoader
 from ..evaluation.fid import FIDResult
 from ..evaluation.tracker import build_evaluator
-from ..latent.autoencoder_run import reconstruct
 from ..models.autoencoder import KLAutoencoder, kl_divergence, reconstruction_loss
 from . import progress
 from .distributed import Ranks
@@ -81,7 +80,7 @@ class ReconstructionFID:
         """(FID, {recon_l1, recon_mse} per pixel) of `model`'s reconstructions of the held-out images; clean-fid's
         draws from the global RNG are forked away, so measuring never changes training."""
         with torch.random.fork_rng(devices=[]):
-            rec = reconstruct(model, self.images)
+            rec = model.reconstruct(self.images)
             self.last = self.evaluator.score(rec)
         return self.last, held_out_errors(rec, self.images)
 
@@ -127,6 +126,7 @@ class AutoencoderRun:
     loss: AutoencoderLoss
     noise_generator: torch.Generator  # the posterior noise z ~ q(z|x); saved in every checkpoint
     grid_images: torch.Tensor  # fixed held-out images of the grids, so grids compare over time
+    latent = None  # it works on pixels (what `loop.new_state` records of a diffusion run's latent space)
 
     @property
     def parts(self) -> "AutoencoderRun":
@@ -135,7 +135,7 @@ class AutoencoderRun:
     def sample_grid(self) -> Tuple[torch.Tensor, int]:
         """(held-out images over their EMA reconstructions, images per row)."""
         per_row = grid_row_length(len(self.grid_images))
-        return torch.cat([self.grid_images, reconstruct(self.ema.module, self.grid_images)]), per_row
+        return torch.cat([self.grid_images, self.ema.module.reconstruct(self.grid_images)]), per_row
 
 
 def grid_row_length(n: int) -> int:

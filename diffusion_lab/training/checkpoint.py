@@ -80,6 +80,16 @@ def load(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
     return state
 
 
+def ema_weights(path: Path, state: Dict[str, Any]) -> Dict[str, Any]:
+    """The EMA weights (train_step.ema.module) that a trained run samples or encodes with; CheckpointError if the
+    checkpoint holds none."""
+    ema = state["train_step"].get("ema") if isinstance(state["train_step"], dict) else None
+    weights = ema.get("module") if isinstance(ema, dict) else None
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{path} holds no EMA weights (train_step.ema.module) to sample from")
+    return weights
+
+
 def non_finite(state: Dict[str, Any]) -> List[str]:
     """Names of the model, EMA and optimizer tensors of a checkpoint that hold NaN or inf."""
     train_step = state["train_step"]

@@ -26,8 +26,6 @@ from ..errors import error_line
 from ..evaluation.plots import (curves_per_size, denoising_trajectory, fid_title, forward_diffusion, plot_curves,
                                 plot_loss)
 from ..evaluation.tracker import FIDTracker
-from ..latent.space import SAMPLER_OPTIONS as LATENT_SAMPLER_OPTIONS
-from ..latent.space import LatentSpace
 from ..models import count_parameters
 from ..registry import SCHEDULES
 from . import checkpoint, preemption, progress
@@ -50,12 +48,12 @@ class Components:
     sampler: Callable[..., torch.Tensor]
     image_shape: tuple  # (channels, image_size, image_size)
     loss: Any  # the training recipe: losses.DiffusionLoss or consistency.ConsistencyLoss
-    latent: Optional[LatentSpace] = None  # the space it diffuses in; None: pixels
+    latent: Any = None  # the latent space it diffuses in (latent.space.LatentSpace); None: pixels
 
     def sample(self, net: torch.nn.Module, x_T: torch.Tensor, **runtime: Any) -> torch.Tensor:
         """The configured sampler on ``net`` (seen in the process's coordinates) from unit noise x_T (latents
         when the run diffuses in a latent space: never clipped to [-1, 1])."""
-        options = {**(LATENT_SAMPLER_OPTIONS if self.latent else {}), **runtime}
+        options = {**(self.latent.sampler_options if self.latent else {}), **runtime}
         return self.sampler(self.objective.network(net, self.schedule), self.schedule, self.objective, x_T, **options)
 
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
