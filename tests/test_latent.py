@@ -1,6 +1,7 @@
 """Latent diffusion (`latent=`): PCA's exact round trip, the per-channel scaling, the latent cache, exact resume,
 the codec hash check, decoding in train / sample / evaluate, and a diffusers AutoencoderKL folder."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -230,3 +231,20 @@ def test_a_folder_without_a_safetensors_autoencoder_is_one_line(tmp_path, digits
 
 def test_no_latent_record_is_pixel_space():
     assert restore_latent(None, torch.device("cpu")) is None
+
+
+@pytest.mark.slow
+def test_two_ranks_train_in_latent_space_as_one_process(tmp_path):
+    """Under torchrun every rank builds the same latent space (rank 0 writes the cache) and the ranks together
+    train as one process on the combined batch."""
+    from tests.test_distributed import DDP_TINY, last, max_difference, torchrun
+
+    args = [*DDP_TINY, "train.steps=4", "latent=pca", "latent_space.pca_channels=2", "latent_space.pca_factor=2",
+            f"latent_space.cache_dir={tmp_path / 'cache'}"]
+    torchrun(args, cwd=tmp_path)
+    run_dirs = [p.parent for p in (tmp_path / "outputs").rglob("summary.json")]
+    assert len(run_dirs) == 1 and len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    two = last(run_dirs[0])
+    one = last(Path(train(compose_config(args), tmp_path / "one")["run_dir"]))
+    assert tuple(two["image_shape"]) == (2, 4, 4) and two["latent"]["identity"] == one["latent"]["identity"]
+    assert max_difference(two["model"], one["model"]) < 1e-4
