@@ -34,9 +34,8 @@ from .training import distributed, preemption, progress
 from .training.autoencoder import (AutoencoderLoop, AutoencoderLoss, AutoencoderOutputs, AutoencoderRun,
                                    ReconstructionFID, grid_row_length, held_out_errors, recon_grid)
 from .training.ema import EMA
-from .training.loggers import sweep_group, sweep_tags, swept_keys
-from .training.loop import Diverged, final_losses, new_state, restore
-from .training.outputs import run_name
+from .training.loggers import sweep_group, swept_keys
+from .training.loop import Diverged, final_losses, new_state, open_logger, restore, run_phases
 from .training.step import TrainStep, build_optimizer, clipped_warmup, micro_batch_size, warmup_note
 
 log = progress.log
@@ -75,20 +74,14 @@ def build(cfg: DictConfig, ranks, device: torch.device) -> AutoencoderRun:
 def start(cfg: DictConfig, run: AutoencoderRun, state, out: AutoencoderOutputs, group: Optional[str],
           overrides: Sequence[str], swept: Sequence[str]) -> Dict[str, Any]:
     """config.yaml, the logger and the start lines; returns the run's name, group and overrides."""
-    params = OmegaConf.to_container(cfg.logger, resolve=True)
-    params.pop("name", None)
-    group = params.pop("group", None) or group
-    params["tags"] = [*(params.get("tags") or []), *sweep_tags(swept, overrides)]
-    name = run_name(cfg, overrides)
-    out.open_logger(state.info["config"], cfg.logger.name, state.wandb_run_id, name=name, group=group, **params)
-    state.wandb_run_id = out.run_id
+    identity = open_logger(cfg, state, out, group, overrides, swept)
     c, h, w = run.image_shape
     lc, lh, lw = run.model.latent_shape(h)
     log.info(f"diffusion_lab autoencoder | device {run.device} | {state.info['num_parameters'] / 1e6:.2f}M params | "
              f"data {cfg.data.name} {len(run.dataset)} images {c}x{h}x{w} -> latent {lc}x{lh}x{lw} | "
              f"kl_weight {cfg.autoencoder.kl_weight:g} | run dir {out.run_dir}")
     log.info(warmup_note(cfg.train))
-    return {"name": name, "group": group, "overrides": list(overrides)}
+    return identity
 
 
 def final_pictures(run: AutoencoderRun, run_dir: Path) -> Dict[str, Path]:
@@ -167,17 +160,8 @@ def train_claimed(cfg: DictConfig, ranks, device: torch.device, out: Autoencoder
     if saved is not None:
         restore(state, saved, source, out)
     loop = AutoencoderLoop(run, state, out, kept=(source, state.step) if source is not None else None)
-    with preemption.Preemption() as stop:
-        try:
-            identity = start(cfg, run, state, out, *naming)
-            loop.run_steps(stop)
-        except BaseException:
-            out.finish(exit_code=1)
-            raise
-        summary = finish(run, state, loop, out, stop, identity)
-    if loop.stopped and stop.requested:
-        stop.exit()
-    return summary
+    return run_phases(loop, out, lambda: start(cfg, run, state, out, *naming),
+                      lambda stop, identity: finish(run, state, loop, out, stop, identity))
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="autoencoder", version_base="1.3")

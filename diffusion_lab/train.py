@@ -40,7 +40,7 @@ from .training import run_dir as run_dirs
 from .training.distributed import Ranks
 from .training.ema import EMA
 from .training.loggers import sweep_group, swept_keys
-from .training.loop import Diverged, Loop, Run, finish, new_state, restore, start
+from .training.loop import Diverged, Loop, Run, finish, new_state, restore, run_phases, start
 from .training.outputs import Outputs
 from .training.step import TrainStep, build_optimizer, clipped_warmup, micro_batch_size
 
@@ -164,17 +164,8 @@ def train_claimed(cfg: DictConfig, ranks: Ranks, device: torch.device, out: Outp
     if saved is not None:
         restore(state, saved, source, out)
     loop = Loop(run, state, out, kept=(source, state.step) if source is not None else None)
-    with preemption.Preemption() as stop:  # steps, grids, FID, pictures and summary
-        try:
-            identity = start(cfg, run, state, out, *naming)
-            loop.run_steps(stop)
-        except BaseException:
-            out.finish(exit_code=1)
-            raise
-        summary = finish(run, state, loop, out, stop, identity)
-    if loop.stopped and stop.requested:
-        stop.exit()  # the launcher's own handler, else exit 128 + signal
-    return summary
+    return run_phases(loop, out, lambda: start(cfg, run, state, out, *naming),
+                      lambda stop, identity: finish(run, state, loop, out, stop, identity))
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

@@ -347,9 +347,9 @@ def finish(run: Run, state: RunState, loop: Loop, out: Outputs, stop: preemption
 # The run
 
 
-def start(cfg: DictConfig, run: Run, state: RunState, out: Outputs, group: Optional[str],
-          overrides: Sequence[str], swept: Sequence[str]) -> Dict[str, Any]:
-    """config.yaml, the logger and the start lines (the run, its learning rate); returns the run's name, group and overrides."""
+def open_logger(cfg: DictConfig, state: RunState, out: Outputs, group: Optional[str], overrides: Sequence[str],
+                swept: Sequence[str]) -> Dict[str, Any]:
+    """config.yaml and the logger (W&B continues the checkpoint's run); returns the run's name, group and overrides."""
     logger_params = OmegaConf.to_container(cfg.logger, resolve=True)
     logger_params.pop("name", None)
     group = logger_params.pop("group", None) or group
@@ -357,6 +357,30 @@ def start(cfg: DictConfig, run: Run, state: RunState, out: Outputs, group: Optio
     name = run_name(cfg, overrides)
     out.open_logger(state.info["config"], cfg.logger.name, state.wandb_run_id, name=name, group=group, **logger_params)
     state.wandb_run_id = out.run_id
+    return {"name": name, "group": group, "overrides": list(overrides)}
+
+
+def run_phases(loop: Loop, out: Outputs, start: Callable[[], Dict[str, Any]],
+               finish: Callable[[preemption.Preemption, Dict[str, Any]], Dict[str, Any]]) -> Dict[str, Any]:
+    """start(), the steps and finish(stop, identity) of a claimed run under one signal handler: a failure marks the
+    logger's run failed; a stopped run then exits with the launcher's handler, else 128 + signal."""
+    with preemption.Preemption() as stop:  # steps, grids, FID, pictures and summary
+        try:
+            identity = start()
+            loop.run_steps(stop)
+        except BaseException:
+            out.finish(exit_code=1)
+            raise
+        summary = finish(stop, identity)
+    if loop.stopped and stop.requested:
+        stop.exit()
+    return summary
+
+
+def start(cfg: DictConfig, run: Run, state: RunState, out: Outputs, group: Optional[str],
+          overrides: Sequence[str], swept: Sequence[str]) -> Dict[str, Any]:
+    """config.yaml, the logger and the start lines (the run, its learning rate); returns the run's name, group and overrides."""
+    identity = open_logger(cfg, state, out, group, overrides, swept)
     c, h, w = run.parts.image_shape
     log.info(f"diffusion_lab | device {run.device} | world size {run.ranks.world_size} | model {cfg.model.name} "
              f"{state.info['num_parameters'] / 1e6:.2f}M params | data {cfg.data.name} {len(run.dataset)} images "
@@ -366,6 +390,6 @@ def start(cfg: DictConfig, run: Run, state: RunState, out: Outputs, group: Optio
         log.info(f"teacher: {run.teacher['run_dir']} (step {run.teacher['step']}, {run.teacher['schedule']} / "
                  f"{run.teacher['objective']}); student " + ("starts from its EMA weights" if
                                                             run.teacher["init_from_teacher"] else "from scratch"))
-    return {"name": name, "group": group, "overrides": list(overrides)}
+    return identity
 
 
