@@ -13,6 +13,8 @@ from typing import Dict, List
 
 from diffusion_lab.evaluation.seeds import interval, welch
 
+N_CEILING = 1000  # reconstructed train images per ceiling FID: the same n as the floor and the samples
+
 ARMS = {"pixel": "pixel 1x32x32", "ae": "latent: autoencoder 4x8x8", "pca": "latent: PCA 4x8x8"}
 
 
@@ -40,6 +42,29 @@ def shown(values: List[float], digits: int = 1) -> str:
     return f"{mean:.{digits}f}" + (f" ± {half:.{digits}f}" if half is not None else "")
 
 
+def ceilings(out: Path) -> Dict[str, object]:
+    """FID of 1000 *train* images passed through each codec (autoencoder, PCA) against the held-out reference,
+    beside the floor (the same 1000 train images unchanged): what a latent model that generates the train
+    latents exactly would score, so the best FID each latent space allows."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from diffusion_lab.config import CONF_DIR
+    from diffusion_lab.config.trained import load_trained, make_fid_evaluator
+    from diffusion_lab.data.datasets import build_dataset
+    from diffusion_lab.latent.autoencoder_run import load_autoencoder
+    from diffusion_lab.latent.pca import PCACodec
+
+    cpu = torch.device("cpu")
+    evaluator = make_fid_evaluator(OmegaConf.load(CONF_DIR / "eval" / "default.yaml"),
+                                   load_trained(out / "pixel_s0", cpu).config, cpu, N_CEILING)
+    train = build_dataset("digits", split="train", image_size=32).images
+    x = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:N_CEILING]]
+    pca = PCACodec.fit(train, 4, 4)
+    return {"real train images": evaluator.score(x), "autoencoder reconstructions": evaluator.score(
+        load_autoencoder(out / "ae", cpu)[0].reconstruct(x)), "PCA reconstructions": evaluator.score(pca.decode(pca.encode(x)))}
+
+
 def main(out: Path) -> None:
     seeds = sorted(int(p.name.split("_s")[1]) for p in out.glob("pixel_s*") if (p / "summary.json").is_file())
     table = {arm: arm_values(out, arm, seeds) for arm in ARMS}
@@ -57,8 +82,11 @@ def main(out: Path) -> None:
               f", Welch p = {p:.3g}" if p is not None else "")
         ratio = [a / b for a, b in zip(table[arm]["train_ips"], table["pixel"]["train_ips"])]
         print(f"  training images/s over pixel's (in the runs, not side by side): {shown(ratio)}")
+    print(f"\nceilings: FID of {N_CEILING} train images through each codec against the same reference:")
+    for name, result in ceilings(out).items():
+        print(f"- {name}: {result.value:.2f}")
     ae = read(out / "ae" / "summary.json")
-    print(f"\nautoencoder ceiling: reconstruction FID {ae['recon_fid']:.2f} (floor {ae['fid_floor']:.2f} at "
+    print(f"\nthe autoencoder run's own reconstruction FID {ae['recon_fid']:.2f} (floor {ae['fid_floor']:.2f} at "
           f"n={ae['fid_floor_n']}, {ae['fid_label']}), held-out L1 {ae['test_recon_l1']:.4f}")
     bench = out / "bench.json"
     if bench.is_file():

@@ -11,10 +11,16 @@ import torch
 from ..registry import LATENT_SPACES
 from .hashing import tensor_hash
 
+# Components whose std is below this fraction of the first one's are not whitened: whitening a direction the data
+# does not vary along (rank-deficient data, e.g. upsampled 8x8 digits at 32x32 have only ~61 components that vary)
+# would blow float rounding up to unit-variance noise that diffusion would then have to learn.
+MIN_RELATIVE_STD = 1e-3
+
 
 @LATENT_SPACES.register("pca")
 class PCACodec:
-    """z = W^T (x - mu) / s (the first k = C*h*w components, each scaled to unit variance); x = W (s z) + mu."""
+    """z = W^T (x - mu) / s (the first k = C*h*w components, each scaled to unit variance, those with almost no
+    variance left near 0); x = W (s z) + mu."""
 
     def __init__(self, mean: torch.Tensor, components: torch.Tensor, scales: torch.Tensor, latent_shape: Sequence[int],
                  image_shape: Sequence[int]):
@@ -36,7 +42,8 @@ class PCACodec:
         x = images.flatten(1).double()
         mean = x.mean(0)
         _, s, vh = torch.linalg.svd(x - mean, full_matrices=False)
-        scales = (s[:k] / math.sqrt(n - 1)).clamp_min(1e-6)  # std of each component; zero-variance ones stay finite
+        std = s[:k] / math.sqrt(n - 1)  # of each component along the train split
+        scales = std.clamp_min(float(std[0]) * MIN_RELATIVE_STD)  # directions the data does not vary along stay ~0
         return cls(mean, vh[:k], scales, shape, images.shape[1:])
 
     @classmethod
