@@ -35,7 +35,7 @@ from .training.autoencoder import (AutoencoderLoop, AutoencoderLoss, Autoencoder
                                    ReconstructionFID, grid_row_length, held_out_errors, recon_grid)
 from .training.ema import EMA
 from .training.loggers import sweep_group, swept_keys
-from .training.loop import Diverged, final_losses, new_state, open_logger, restore, run_phases
+from .training.loop import Diverged, close, final_losses, new_state, open_logger, restore, run_phases
 from .training.step import TrainStep, build_optimizer, clipped_warmup, micro_batch_size, warmup_note
 
 log = progress.log
@@ -120,14 +120,9 @@ def summarize(run: AutoencoderRun, state, loop: AutoencoderLoop, out, identity: 
 
 def finish(run: AutoencoderRun, state, loop: AutoencoderLoop, out, stop, identity: Dict[str, Any]) -> Dict[str, Any]:
     """Pictures, summary.json and the logger's summary; the closing line."""
-    out.pictures(lambda: final_pictures(run, out.run_dir), state.step)
-    summary = summarize(run, state, loop, out, identity)
-    out.summary(summary, upload_checkpoint=not loop.stopped)
-    out.finish(exit_code=preemption.exit_code(stop.signum) if loop.stopped and stop.requested else 0)
-    if loop.stopped:
-        log.info(f"stopped by {stop.name or 'another rank'} at step {state.step}: wrote {loop.kept[0]}; continue "
-                 f"with train.resume=auto or train.resume={loop.kept[0]}")
-    else:
+    summary = close(out, state, loop, stop, lambda: final_pictures(run, out.run_dir),
+                    lambda: summarize(run, state, loop, out, identity))
+    if not loop.stopped:
         log.info(f"done: {state.step} steps in {summary['wall_time_s']:.0f}s, final loss {summary['final_loss']:.4f}, "
                  f"held-out recon L1 {summary['test_recon_l1']:.4f}, run dir {out.run_dir}")
     return summary

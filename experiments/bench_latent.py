@@ -16,14 +16,14 @@ median images/s of each and the median (min-max) of the per-round ratios latent 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
+from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
 
-from diffusion_lab import models  # noqa: F401  (registers the U-Nets)
+from diffusion_lab import files, models  # noqa: F401  (models registers the U-Nets)
 from diffusion_lab.diffusion import objectives, samplers, schedules  # noqa: F401  (register themselves)
 from diffusion_lab.diffusion.losses import DiffusionLoss
 from diffusion_lab.models.autoencoder import KLAutoencoder
@@ -98,8 +98,7 @@ def main() -> None:
               f"{statistics.median(rates['latent'][phase]):8.1f} img/s | latent/pixel {statistics.median(ratios):.1f}x "
               f"(min {min(ratios):.1f}, max {max(ratios):.1f})")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        files.write_json(Path(args.json), result)
 
 
 if __name__ == "__main__":

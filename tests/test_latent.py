@@ -128,8 +128,11 @@ def test_a_pca_run_diffuses_latents_and_shows_pixels(pca_run):
     assert record["identity"]["kind"] == "pca" and record["pixel_shape"] == [1, 8, 8]
     assert np.isfinite(summary["final_fid"]), "FID decodes the samples (against 1x8x8 digits)"
     from PIL import Image
+
+    from diffusion_lab.data.images import save_grid
+    pixel_grid = save_grid(torch.zeros(4, 1, 8, 8), tmp / "pixel_grid.png", nrow=None, caption="step 6 (EMA model)")
     grid = Image.open(sorted((run_dir / "samples").glob("*.png"))[-1])
-    assert grid.size[0] >= 4 * 8, "the sample grid shows decoded 8x8 images"
+    assert grid.size == Image.open(pixel_grid).size, "the sample grid shows 4 decoded 8x8 images, not 2x4x4 latents"
     trained = load_trained(run_dir, torch.device("cpu"))
     images = generate(trained, build_sampler("ddim", steps=3), 5, 5, 0, torch.device("cpu"), progress=False)
     assert images.shape == (5, 1, 8, 8) and images.abs().max() <= 1.0

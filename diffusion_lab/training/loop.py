@@ -325,17 +325,27 @@ def summarize(run: Run, state: RunState, loop: Loop, out: Outputs, identity: Dic
     }
 
 
-def finish(run: Run, state: RunState, loop: Loop, out: Outputs, stop: preemption.Preemption,
-           identity: Dict[str, Any]) -> Dict[str, Any]:
-    """Pictures, summary.json and the logger's summary (a signal meanwhile waits for them). A stopped run then
-    exits with 128 + signal (`stop.exit()`, by the caller once the handler is gone); a finished one with 0."""
-    out.pictures(lambda: final_pictures(run, out.run_dir, identity["name"]), state.step)
-    summary = summarize(run, state, loop, out, identity)
+def close(out: Outputs, state: RunState, loop: Loop, stop: preemption.Preemption,
+          pictures: Callable[[], Dict[str, Path]], summarize_run: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
+    """The end of any run: its pictures, summary.json, the logger's summary and exit code, and for a stopped run
+    the line that says how to continue it; returns the summary."""
+    out.pictures(pictures, state.step)
+    summary = summarize_run()
     out.summary(summary, upload_checkpoint=not loop.stopped)
     out.finish(exit_code=preemption.exit_code(stop.signum) if loop.stopped and stop.requested else 0)
     if loop.stopped:
         log.info(f"stopped by {stop.name or 'another rank'} at step {state.step}: wrote {loop.kept[0]}; continue "
                  f"with train.resume=auto or train.resume={loop.kept[0]}")
+    return summary
+
+
+def finish(run: Run, state: RunState, loop: Loop, out: Outputs, stop: preemption.Preemption,
+           identity: Dict[str, Any]) -> Dict[str, Any]:
+    """Pictures, summary.json and the logger's summary (a signal meanwhile waits for them). A stopped run then
+    exits with 128 + signal (`stop.exit()`, by the caller once the handler is gone); a finished one with 0."""
+    summary = close(out, state, loop, stop, lambda: final_pictures(run, out.run_dir, identity["name"]),
+                    lambda: summarize(run, state, loop, out, identity))
+    if loop.stopped:
         return summary
     log.info(f"done: {state.step} steps in {summary['wall_time_s']:.0f}s, final loss {summary['final_loss']:.4f}, "
              f"run dir {out.run_dir}" + (f" ({stop.name} arrived after the last step: the run is finished, "
