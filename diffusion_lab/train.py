@@ -38,7 +38,7 @@ from .registry import UnknownChoiceError
 from .training import checkpoint, cluster, distributed, preemption, progress
 from .training import run_dir as run_dirs
 from .training.distributed import Ranks
-from .training.ema import EMA
+from .training.ema import EMAS
 from .training.loggers import sweep_group, swept_keys
 from .training.loop import Diverged, Loop, Run, finish, new_state, restore, run_phases, start
 from .training.outputs import Outputs
@@ -121,7 +121,7 @@ def build(cfg: DictConfig, ranks: Ranks, device: torch.device, saved: Optional[D
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         model.to(memory_format=torch.channels_last)
-    ema = EMA(model, decay=t.ema_decay, warmup=t.ema_warmup)
+    ema = EMAS.build(t.ema, model=model, train=t)
     optimizer = build_optimizer(model.parameters(), t.optimizer, t.lr, t.betas, t.weight_decay, device)
     warmup = clipped_warmup(t.warmup_steps, t.steps)
     step_fn = TrainStep(model, optimizer, device, t.precision, t.grad_clip, warmup, ema,

@@ -20,6 +20,8 @@ _positive = (lambda v: v > 0, "> 0")
 _non_negative = (lambda v: v >= 0, ">= 0")
 _unit = (lambda v: 0 <= v < 1, "in [0, 1)")
 _closed_unit = (lambda v: 0 <= v <= 1, "in [0, 1]")
+_sigma_rel = (lambda v: 0 < v < (1 / 12) ** 0.5, "in (0, 0.2887): a relative EMA std sigma_rel below sqrt(1/12), "
+              "where the power EMA's exponent gamma > 0")
 
 
 def _rule(key: str, kind: type, check: Tuple[Callable[[Any], bool], str]) -> Rule:
@@ -69,6 +71,7 @@ RULES: Sequence[Rule] = (
     _rule("train.warmup_steps", int, _non_negative),
     _rule("train.grad_clip", float, _non_negative),
     _rule("train.ema_decay", float, _unit),
+    _rule("train.ema_snapshot_every", int, _positive),
     _rule("train.num_workers", int, _non_negative),
     _rule("train.log_every", int, _positive),
     _rule("train.sample_every", int, _non_negative),
@@ -99,6 +102,8 @@ CHOICES: Sequence[Tuple[str, str, str]] = (
     ("sampler.variance", "diffusion.samplers", "DDPM_VARIANCES"),
     ("train.optimizer", "training.step", "OPTIMIZERS"),
     ("train.precision", "training.step", "PRECISIONS"),
+    ("train.ema", "training.ema", "EMAS"),
+    ("train.ema_snapshot_dtype", "training.posthoc_ema", "SNAPSHOT_DTYPES"),
     ("eval.mode", "evaluation.fid", "MODES"),
     ("eval.reference", "evaluation.tracker", "REFERENCES"),
     ("eval.feature_extractor", "evaluation.fid", "EXTRACTORS"),
@@ -121,6 +126,8 @@ def choice_rules(node: Any, prefix: str = "") -> List[Rule]:
 # List-typed values, checked entry by entry: (key, entry type, check).
 LIST_RULES: Sequence[Rule] = (
     _rule("train.betas", float, _unit),
+    _rule("train.ema_stds", float, _sigma_rel),
+    _rule("ema_lengths", float, _sigma_rel),
     _rule("model.hidden_dims", int, _positive),
     _rule("guidance_scales", float, _non_negative),
     _rule("labels", int, _non_negative),
@@ -175,6 +182,9 @@ def _check_lists(cfg: DictConfig) -> None:
     betas = OmegaConf.select(cfg, "train.betas", default=None)
     if betas is not None and len(betas) != 2:
         raise ConfigError(f"train.betas={list(betas)} must be two values in [0, 1)")
+    stds = OmegaConf.select(cfg, "train.ema_stds", default=None)
+    if stds is not None and len(set(stds)) != len(stds):
+        raise ConfigError(f"train.ema_stds={list(stds)} must be distinct values (each is one tracked EMA)")
 
 
 def _shown(value: Any) -> str:

@@ -31,7 +31,9 @@ REQUIRED_KEYS = ("step", "model", "train_step", "config", "image_shape")
 # (unconditional, unguided): a saved config without such a key compares as if it held this value.
 ADDED_KEYS = {"model.num_classes": None, "train.cond_drop_prob": 0.1, "sampler.guidance_scale": 1.0,
               "sampler.guidance_interval": None, "sampler.guidance_rescale": 0.0, "latent": None,
-              "latent_space.std": 1.0, "latent_space.pca_channels": 4, "latent_space.pca_factor": 4}
+              "latent_space.std": 1.0, "latent_space.pca_channels": 4, "latent_space.pca_factor": 4,
+              "train.ema": "standard", "train.ema_stds": [0.05, 0.10], "train.ema_snapshot_every": 50,
+              "train.ema_snapshot_dtype": "float16"}
 
 # Checkpoints written before RNG states were stored as tensors hold numpy's MT19937 state as an
 # ndarray. These are exactly the numpy globals that unpickling a uint32 ndarray needs; the
@@ -130,6 +132,10 @@ def check_architecture(path: Path, described: Dict[str, torch.Tensor], weights: 
 def load_for_resume(path: Path, cfg: DictConfig, map_location: Any = "cpu") -> Dict[str, Any]:
     """A checkpoint that this config may continue: same run config (rhythm keys aside), finite weights."""
     state = load(path, map_location)
+    if "posthoc_ema" in state:
+        raise CheckpointError(f"train.resume={path}: a post-hoc EMA reconstruction (sigma_rel "
+                              f"{state['posthoc_ema'].get('sigma_rel')}), whose EMA is no longer the run's; resume "
+                              f"from the run's checkpoints/last.pt")
     differences = config_differences(state["config"], OmegaConf.to_container(cfg, resolve=True))
     if differences:
         raise CheckpointError(f"train.resume={path} was trained with a different config: {'; '.join(differences)} "

@@ -30,7 +30,7 @@ from ..models import count_parameters
 from ..registry import SCHEDULES
 from . import checkpoint, preemption, progress
 from .distributed import Ranks
-from .ema import EMA
+from .ema import EMA, PowerEMA
 from .loggers import sweep_tags
 from .outputs import Outputs, run_name
 from .run_state import RunState
@@ -136,6 +136,7 @@ def restore(state: RunState, saved: Dict[str, Any], source: Path, out: Outputs) 
     except (KeyError, RuntimeError, ValueError, TypeError) as error:  # a hand-made or foreign file
         raise checkpoint.CheckpointError(f"cannot resume from {source}: {error_line(error)}") from error
     out.carry_metrics(source.parent.parent, state.step)
+    out.carry_snapshots(source.parent.parent, state.step)
     log.info(f"resumed from {source} at step {state.step}")
 
 
@@ -196,14 +197,16 @@ class Loop:
             self.window.n += 1
 
     def after_step(self, bar: progress.Progress) -> None:
-        """Log point, checkpoint, sample grid and FID when due. Every grid and FID comes after this step's
-        last.pt, so one that fails, or a stop signal during one, loses no step."""
+        """Log point, EMA snapshot, checkpoint, sample grid and FID when due. Every grid and FID comes after this
+        step's last.pt, so one that fails, or a stop signal during one, loses no step."""
         t, step, fid = self.t, self.state.step, self.run.fid
         last = step == t.steps
         if (step % t.log_every == 0 or last) and self.window.n:
             self.log_point(bar)
         grid_due = bool(t.sample_every and step % t.sample_every == 0) or last
         fid_due = fid.due(step) or (last and fid.enabled)
+        if isinstance(self.run.ema, PowerEMA) and (step % t.ema_snapshot_every == 0 or last):
+            self.out.ema_snapshot(step, self.run.ema, t.ema_snapshot_dtype)  # before last.pt: a resume never lacks it
         if grid_due or fid_due or bool(t.checkpoint_every and step % t.checkpoint_every == 0) or last:
             self.save_last()
         if grid_due:

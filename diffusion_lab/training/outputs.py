@@ -12,7 +12,7 @@ import torch
 
 from .. import files
 from ..data.images import row_labels, save_grid
-from . import checkpoint, progress, run_lock
+from . import checkpoint, posthoc_ema, progress, run_lock
 from . import run_dir as run_dirs
 from .loggers import LOGGERS
 
@@ -58,6 +58,19 @@ class Outputs:
             progress.log.warning(problem)
         kept = [row for row in rows if isinstance(row.get("step"), int) and row["step"] <= up_to_step]
         files.write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in kept))
+
+    def carry_snapshots(self, previous_run: Path, up_to_step: int) -> None:
+        """The earlier run's EMA snapshots up to the checkpoint step; those after it are dropped (posthoc_ema)."""
+        if self.enabled:
+            posthoc_ema.carry_snapshots(previous_run, self.run_dir, up_to_step)
+
+    def ema_snapshot(self, step: int, ema: Any, dtype: str) -> Optional[Path]:
+        """ema_snapshots/step_NNNNNNN.safetensors: every average a power EMA tracks, as `dtype` (rank 0 only)."""
+        if not self.enabled:
+            return None
+        tensors = ema.snapshot(posthoc_ema.SNAPSHOT_DTYPES[dtype])
+        return posthoc_ema.write_snapshot(posthoc_ema.snapshot_path(self.run_dir, step), tensors, step,
+                                          ema.num_updates, ema.stds, dtype)
 
     def open_logger(self, config: Dict[str, Any], logger_name: str, run_id: Optional[str], **params: Any) -> None:
         """Write config.yaml and start the configured logger (metrics.jsonl, W&B)."""
