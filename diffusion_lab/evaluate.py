@@ -4,6 +4,8 @@ Every sampler setting in `samplers` draws `num_samples` images from the same sta
 result is a table and a plot of FID against NFE (model evaluations) and against wall time. For a class-conditional
 checkpoint, `guidance_scales=[0,1,2,4]` scores every setting at each guidance scale w on labels cycling through
 the classes, with the digits classifier's accuracy on the asked labels (digits only), and plots both against w.
+For a train.ema=power run, `ema_lengths=[0.05,0.1]` instead scores the EMA of each length sigma_rel, rebuilt from
+the run's snapshots (`training/posthoc_ema`): ema_fid.csv/png and, with `save_best_ema`, posthoc_ema.pt.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import io
 import json
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import hydra
 import torch
@@ -33,8 +35,9 @@ from .diffusion import guidance
 from .diffusion.conditioning import balanced_labels
 from .diffusion.samplers import build_sampler, num_evaluations, num_steps, setting_label, steps_for
 from .evaluation.features import class_accuracy
-from .evaluation.plots import plot_fid_vs_cost, plot_guidance
-from .training import preemption
+from .evaluation.plots import plot_ema_fid, plot_fid_vs_cost, plot_guidance
+from .training import checkpoint, posthoc_ema, preemption
+from .training import run_dir as run_dirs
 from .training.loggers import log_linked_run
 
 
@@ -134,11 +137,67 @@ def teacher_jobs(cfg: DictConfig, trained, device: torch.device) -> List[tuple]:
     return [(teacher, {**base, "steps": steps_for(name, nfe)}) for nfe in cfg.teacher_nfe]
 
 
+def ema_sources(cfg: DictConfig) -> Optional[tuple]:
+    """(checkpoint state, its run's snapshots) when ema_lengths is set, else None; a run without snapshots is
+    one line (ConfigError), before any sample is drawn."""
+    if cfg.ema_lengths is None:
+        return None
+    path = run_dirs.checkpoint_file(Path(cfg.checkpoint))
+    state = checkpoint.load(path)
+    return state, posthoc_ema.run_snapshots(path, state)
+
+
+def ema_point(scorer: Callable, every: List[Dict], model: torch.nn.Module, snapshots: list, sigma_rel: float,
+              run_dir: Path) -> tuple:
+    """(rows, weights, coefficients) of one EMA length: rebuilt from the snapshots, loaded into the model, scored
+    with every sampler setting (its grids in ema_<sigma_rel>/)."""
+    started = time.perf_counter()
+    weights, coefficients = posthoc_ema.reconstruct(snapshots, sigma_rel, model.state_dict())
+    seconds = time.perf_counter() - started
+    model.load_state_dict(weights)
+    (run_dir / f"ema_{sigma_rel:g}").mkdir(exist_ok=True)
+    rows = []
+    for settings in every:
+        row = scorer(settings, run_dir / f"ema_{sigma_rel:g}")
+        rows.append({"sigma_rel": sigma_rel, "setting": row["setting"], "fid": row["fid"],
+                     "fid_floor": row["fid_floor"],
+                     "seconds": row["seconds"], "reconstruction_seconds": seconds, "label": row["label"]})
+        console.info(f"sigma_rel {sigma_rel:g}, {row['setting']}: FID {row['fid']:.4f} (floor {row['fid_floor']:.4f}), "
+                     f"{row['seconds']:.1f}s, reconstructed in {seconds:.2f}s")
+    return rows, weights, coefficients
+
+
+def ema_sweep(cfg: DictConfig, scorer: Callable, every: List[Dict], trained, evaluator, run_dir: Path,
+              sources: tuple) -> List[Dict]:
+    """Every EMA length of ema_lengths scored: ema_fid.csv, ema_fid.png and (save_best_ema) posthoc_ema.pt, the
+    checkpoint holding the length with the lowest FID of the first sampler setting."""
+    state, snapshots = sources
+    rows, best = [], None
+    for sigma_rel in map(float, cfg.ema_lengths):
+        point, weights, coefficients = ema_point(scorer, every, trained.model, snapshots, sigma_rel, run_dir)
+        rows += point
+        if best is None or point[0]["fid"] < best[0]:
+            best = (point[0]["fid"], sigma_rel, weights, coefficients)
+    rows, label = _table(rows)
+    files.write_csv(run_dir / "ema_fid.csv", rows, list(rows[0]))
+    picture = plot_ema_fid(rows, run_dir / "ema_fid.png", f"{label}, post-hoc EMA at step {trained.step}",
+                           floor=(evaluator.floor, evaluator.floor_n), tracked=snapshots[-1].sigma_rels)
+    console.info(f"wrote {picture} and {run_dir / 'ema_fid.csv'}")
+    if cfg.save_best_ema:
+        fid, sigma_rel, weights, coefficients = best
+        path = run_dir / "posthoc_ema.pt"
+        checkpoint.save(path, posthoc_ema.posthoc_checkpoint(state, weights, sigma_rel, coefficients, snapshots))
+        console.info(f"wrote {path}: the EMA of sigma_rel {sigma_rel:g} (FID {fid:.4f} with {rows[0]['setting']}); "
+                     f"sample it with python -m diffusion_lab.sample checkpoint={path}")
+    return rows
+
+
 def evaluate(cfg: DictConfig, run_dir: Path) -> List[Dict]:
     """One FID per sampler setting (and guidance scale); writes fid_vs_cost.{csv,json,png}, a grid per setting
     and, when guidance_scales is swept, guidance.png (FID and classifier accuracy against w)."""
     device = resolve_device(cfg.device)
     trained = load_trained(Path(cfg.checkpoint), device)
+    sources = ema_sources(cfg)
     every = [sampler_settings(entry) for entry in cfg.samplers]
     for settings in every:
         check_steps(settings, trained)
@@ -152,6 +211,9 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> List[Dict]:
     if not evaluator.enabled:
         raise ValueError(f"FID is disabled: {evaluator.disabled_reason}")
     run_dir.mkdir(parents=True, exist_ok=True)
+    if sources is not None:
+        scorer = lambda settings, folder: score(cfg, trained, evaluator, settings, labels, folder, device)  # noqa: E731
+        return ema_sweep(cfg, scorer, every, trained, evaluator, run_dir, sources)
     jobs = [(None, {**settings, **({} if w is None else {"guidance_scale": w})}) for settings in every for w in scales]
     jobs += teacher_jobs(cfg, trained, device)
     rows, label = score_all(cfg, trained, evaluator, jobs, labels, run_dir, device)

@@ -214,3 +214,24 @@ def plot_guidance(rows: List[Dict], path: Path, label: str, floor: Optional[tupl
     fig.suptitle(label, fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def plot_ema_fid(rows: List[Dict], path: Path, label: str, floor: Optional[tuple] = None,
+                 tracked: Sequence[float] = ()) -> Path:
+    """FID against the post-hoc EMA length sigma_rel, one line per sampler setting; floor: (value, n) dashed; the
+    relative stds the run tracked marked as dotted verticals."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        points = sorted((r["sigma_rel"], r["fid"]) for r in rows if r["setting"] == setting)
+        ax.plot(*zip(*points), marker="o", label=setting)
+    if floor and floor[0] is not None:
+        ax.axhline(floor[0], color="gray", linestyle="--", linewidth=1, label=f"floor (real train images, n={floor[1]})")
+    for i, std in enumerate(tracked):
+        ax.axvline(std, color="black", linestyle=":", linewidth=1, label="tracked while training" if i == 0 else None)
+    ax.set_xlabel("EMA length sigma_rel (relative std of the averaging profile)")
+    ax.set_ylabel("FID")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.suptitle(label, fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path)
