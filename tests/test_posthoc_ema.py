@@ -135,7 +135,8 @@ def test_power_ema_state_dict_round_trips_and_keeps_module():
         assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="sigma_rel"):
         PowerEMA(model, (0.05,)).load_state_dict(state)
-    assert EMAS.names() == ["power", "standard"] and isinstance(EMAS.build("standard", model=model, train=compose_config().train), EMA)
+    assert EMAS.names() == ["power", "standard"]
+    assert isinstance(EMAS.build("standard", model=model, train=compose_config().train), EMA)
 
 
 # ------------------------------------------------------------------------------------------------

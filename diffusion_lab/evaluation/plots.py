@@ -232,6 +232,6 @@ def plot_ema_fid(rows: List[Dict], path: Path, label: str, floor: Optional[tuple
     ax.set_ylabel("FID")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.suptitle(label, fontsize=9)
+    ax.set_title(textwrap.fill(label, 80), fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)
