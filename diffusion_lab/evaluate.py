@@ -167,18 +167,32 @@ def ema_point(scorer: Callable, every: List[Dict], model: torch.nn.Module, snaps
     return rows, weights, coefficients
 
 
+def ema_scores(cfg: DictConfig, scorer: Callable, every: List[Dict], model: torch.nn.Module, snapshots: list,
+               run_dir: Path) -> tuple:
+    """(rows, best) over ema_lengths, best = (FID, sigma_rel, weights, coefficients) by the first sampler setting;
+    a stop signal first writes the points scored so far to ema_fid.csv, then ends the command."""
+    rows, best = [], None
+    try:
+        for sigma_rel in map(float, cfg.ema_lengths):
+            point, weights, coefficients = ema_point(scorer, every, model, snapshots, sigma_rel, run_dir)
+            rows += point
+            if best is None or point[0]["fid"] < best[0]:
+                best = (point[0]["fid"], sigma_rel, weights, coefficients)
+    except preemption.Stopped as stopped:
+        if rows:
+            files.write_csv(run_dir / "ema_fid.csv", rows, [k for k in rows[0] if k != "label"])
+        stopped.note = f"ema_fid.csv holds the {len(rows)} points scored" if rows else "no EMA length was scored"
+        raise
+    return rows, best
+
+
 def ema_sweep(cfg: DictConfig, scorer: Callable, every: List[Dict], trained, evaluator, run_dir: Path,
               sources: tuple) -> List[Dict]:
     """Every EMA length of ema_lengths scored: ema_fid.csv, ema_fid.png and (save_best_ema) posthoc_ema.pt, the
     checkpoint holding the length with the lowest FID of the first sampler setting."""
     state, snapshots = sources
-    rows, best = [], None
-    for sigma_rel in map(float, cfg.ema_lengths):
-        point, weights, coefficients = ema_point(scorer, every, trained.model, snapshots, sigma_rel, run_dir)
-        rows += point
-        if best is None or point[0]["fid"] < best[0]:
-            best = (point[0]["fid"], sigma_rel, weights, coefficients)
-    rows, label = _table(rows)
+    scored, best = ema_scores(cfg, scorer, every, trained.model, snapshots, run_dir)
+    rows, label = _table(scored)
     files.write_csv(run_dir / "ema_fid.csv", rows, list(rows[0]))
     picture = plot_ema_fid(rows, run_dir / "ema_fid.png", f"{label}, post-hoc EMA at step {trained.step}",
                            floor=(evaluator.floor, evaluator.floor_n), tracked=snapshots[-1].sigma_rels)

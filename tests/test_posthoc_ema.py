@@ -1,7 +1,5 @@
 """Post-hoc EMA (EDM2): the power EMA's update and profile, the least-squares reconstruction from snapshots, the
 snapshots of a train.ema=power run across an interruption, and `evaluate ema_lengths=...`."""
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -262,13 +260,16 @@ def test_evaluate_sweeps_ema_lengths_and_sample_reads_the_best(straight, tmp_pat
         checkpoint.load_for_resume(out / "posthoc_ema.pt", compose_config(POWER))
 
 
+@pytest.mark.slow
 def test_a_standard_ema_run_has_no_snapshots_in_one_line(tmp_path):
     from diffusion_lab.train import train
 
-    train(compose_config(TINY + ["logger=none", "eval.every=0", "train.steps=2", "train.sample_every=0"]), tmp_path)
-    state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
-    with pytest.raises(ConfigError) as error:
-        P.run_snapshots(tmp_path / "checkpoints" / "last.pt", state)
-    assert str(error.value) == (f"{tmp_path} has no EMA snapshots (trained with train.ema=standard); train with "
-                                "train.ema=power to choose the EMA length after training")
-    assert not (tmp_path / P.SNAPSHOT_DIR).exists() and math.isfinite(state["train_step"]["ema"]["num_updates"])
+    run_dir = tmp_path / "run"
+    train(compose_config(TINY + ["logger=none", "eval.every=0", "train.steps=2", "train.sample_every=0"]), run_dir)
+    assert not (run_dir / P.SNAPSHOT_DIR).exists()
+    result = run_cli("diffusion_lab.evaluate", [f"checkpoint={run_dir}", "ema_lengths=[0.1]",
+                                                f"hydra.run.dir={tmp_path / 'ev'}"], tmp_path)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: {run_dir} has no EMA snapshots (trained with train.ema=standard); train with train.ema=power to "
+        "choose the EMA length after training"], result.stderr[-2000:]
+    assert not (tmp_path / "ev").exists(), "a refused command leaves no run dir behind"
