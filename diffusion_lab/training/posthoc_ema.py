@@ -195,6 +195,9 @@ def run_snapshots(path: Path, state: Dict) -> List[Snapshot]:
     found = [read_snapshot(p) for step, p in snapshot_files(path.parent.parent).items() if step <= state["step"]]
     if not found or found[-1].step != state["step"]:
         found.append(checkpoint_snapshot(state))
+    found = [s for s in found if s.num_updates > 0]  # an average of no update (every step skipped) holds nothing
+    if not found:
+        raise ConfigError(f"{path}: its EMA has no update yet (every step was skipped): nothing to reconstruct")
     return found
 
 
