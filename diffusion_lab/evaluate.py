@@ -58,9 +58,10 @@ def file_tag(label: str) -> str:
 
 
 def score(cfg: DictConfig, trained, evaluator, settings: Dict, labels: Optional[torch.Tensor], run_dir: Path,
-          device: torch.device, model: str = "checkpoint") -> Dict:
+          device: torch.device, model: str = "checkpoint", note: str = "") -> Dict:
     """FID (and, for a conditional model with a classifier, the accuracy on the asked labels) of one setting;
-    `model` says whose: the checkpoint's, or its teacher's (scored beside a consistency model)."""
+    `model` says whose: the checkpoint's, or its teacher's (scored beside a consistency model); `note` starts
+    its console line."""
     settings = dict(settings)
     name = settings.pop("name")
     started = time.perf_counter()
@@ -75,7 +76,7 @@ def score(cfg: DictConfig, trained, evaluator, settings: Dict, labels: Optional[
     classifier = evaluator.extractor if hasattr(evaluator.extractor, "logits") else None
     accuracy = class_accuracy(classifier, images, labels) if labels is not None and classifier is not None else None
     save_grid(images[:64], run_dir / f"grid_{file_tag(label)}.png")
-    console.info(f"{label}: FID {result.value:.4f} (floor {result.floor:.4f})"
+    console.info(f"{note}{label}: FID {result.value:.4f} (floor {result.floor:.4f})"
                  + (f", accuracy {accuracy:.4f}" if accuracy is not None else "") + f", {seconds:.1f}s")
     return {"model": model, "sampler": name, "steps": steps, "nfe": nfe, "guidance_scale": w, "setting": label,
             "fid": result.value, "fid_floor": result.floor,
@@ -158,12 +159,11 @@ def ema_point(scorer: Callable, every: List[Dict], model: torch.nn.Module, snaps
     (run_dir / f"ema_{sigma_rel:g}").mkdir(exist_ok=True)
     rows = []
     for settings in every:
-        row = scorer(settings, run_dir / f"ema_{sigma_rel:g}")
+        note = f"sigma_rel {sigma_rel:g} (rebuilt in {seconds:.2f}s), "
+        row = scorer(settings, run_dir / f"ema_{sigma_rel:g}", note)
         rows.append({"sigma_rel": sigma_rel, "setting": row["setting"], "fid": row["fid"],
                      "fid_floor": row["fid_floor"],
                      "seconds": row["seconds"], "reconstruction_seconds": seconds, "label": row["label"]})
-        console.info(f"sigma_rel {sigma_rel:g}, {row['setting']}: FID {row['fid']:.4f} (floor {row['fid_floor']:.4f}), "
-                     f"{row['seconds']:.1f}s, reconstructed in {seconds:.2f}s")
     return rows, weights, coefficients
 
 
@@ -226,7 +226,8 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> List[Dict]:
         raise ValueError(f"FID is disabled: {evaluator.disabled_reason}")
     run_dir.mkdir(parents=True, exist_ok=True)
     if sources is not None:
-        scorer = lambda settings, folder: score(cfg, trained, evaluator, settings, labels, folder, device)  # noqa: E731
+        scorer = lambda settings, folder, note: score(cfg, trained, evaluator, settings, labels, folder,  # noqa: E731
+                                                      device, note=note)
         return ema_sweep(cfg, scorer, every, trained, evaluator, run_dir, sources)
     jobs = [(None, {**settings, **({} if w is None else {"guidance_scale": w})}) for settings in every for w in scales]
     jobs += teacher_jobs(cfg, trained, device)

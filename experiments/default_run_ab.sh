@@ -1,13 +1,13 @@
 #!/bin/bash
-# The default digits run before and after the 2026-11 change, alternated seed by seed in one sitting.
-#   bash experiments/default_run_ab.sh [SEEDS...]      (default: 0 1 2 3; ~11 min per seed on a 2-core CPU)
+# The default digits run before and after the 2026-12 change, alternated seed by seed in one sitting.
+#   bash experiments/default_run_ab.sh [SEEDS...]      (default: 0 1 2 3; ~4-5 min per seed on a 2-core CPU)
 # "before" is the old default spelled out in overrides, "after" is today's default (no overrides).
 # Prints one line per run: wall seconds (the whole process) and the final FID against digits test;
 # the run dirs stay in outputs/default_ab/. Only the per-seed ratios of wall time mean anything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=outputs/default_ab
-BEFORE="schedule=linear sampler=ddim sampler.steps=50 train.steps=1500 train.lr=1e-3 train.lr_schedule=constant"
+BEFORE="sampler=dpm_solver_3m sampler.steps=20 eval.every=375"  # the 2026-11 default: DPM-Solver++(3M)-20, FID at 375 and 750
 mkdir -p "$OUT"
 run() {  # name seed overrides...
   local name=$1 seed=$2; shift 2

@@ -359,14 +359,15 @@ def test_evaluate_scores_the_teacher_beside_and_compare_keeps_them_apart(teacher
                           "samplers=[{name:consistency,steps:1},{name:consistency,steps:2}]"], config_name="evaluate")
     rows = evaluate(cfg, tmp_path / "eval")
     assert [(r["model"], r["nfe"]) for r in rows] == [("checkpoint", 1), ("checkpoint", 2), ("teacher", 3)]
-    assert rows[2]["setting"].startswith("teacher: dpm_solver_3m")
+    own = compose_config(RUN).sampler.name  # the teacher is scored with the sampler it was trained with
+    assert rows[2]["setting"].startswith(f"teacher: {own}")
     import json
     assert json.loads((tmp_path / "eval" / "fid_vs_cost.json").read_text())["teacher"] == str(teacher)
     assert [r["nfe"] for r in read_evaluation(tmp_path / "eval", {}).rows] == [1, 2]
     from diffusion_lab.evaluation.plots import fid_vs_cost_figure
 
     legend = [t.get_text() for t in fid_vs_cost_figure(rows, "x").axes[0].get_legend().get_texts()]
-    assert "teacher: dpm_solver_3m" in legend and "consistency" in legend  # not guided: no "w=1"
+    assert f"teacher: {own}" in legend and "consistency" in legend  # not guided: no "w=1"
 
 
 @pytest.mark.parametrize("name, sigma_max", [("edm", None), ("cosine", 20.0)])
@@ -412,7 +413,7 @@ def test_distillation_from_a_continuous_class_conditional_teacher(tmp_path):
 
 
 def test_sampling_a_consistency_model_with_an_ode_sampler_says_so(teacher, tmp_path, capsys):
-    """`sample` with its default sampler (DPM-Solver++) on a consistency checkpoint prints one note naming
+    """`sample` with its default sampler (an ODE/SDE sampler) on a consistency checkpoint prints one note naming
     sampler=consistency; with sampler=consistency there is no note."""
     from tests.helpers import run_main
 
@@ -424,4 +425,5 @@ def test_sampling_a_consistency_model_with_an_ode_sampler_says_so(teacher, tmp_p
                                                            f"hydra.run.dir={tmp_path / ('s' + str(noted))}"],
                                   tmp_path, capsys)
         assert code == 0, err
-        assert ("is a consistency model; sampler=dpm_solver_3m uses it as a denoiser" in out + err) == noted
+        default = compose_config([f"checkpoint={student}"], config_name="sample").sampler.name
+        assert (f"is a consistency model; sampler={default} uses it as a denoiser" in out + err) == noted
