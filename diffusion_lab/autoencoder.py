@@ -54,13 +54,13 @@ def build_network(cfg: DictConfig, dataset, device: torch.device):
 def build(cfg: DictConfig, ranks, device: torch.device) -> AutoencoderRun:
     """Data, network, EMA, optimizer step, loss, reconstruction FID and the grid's fixed held-out images."""
     t = cfg.train
+    if t.ema != "standard":
+        raise ConfigError(f"train.ema={t.ema}: an autoencoder run keeps train.ema=standard (snapshots and post-hoc "
+                          f"EMA are for diffusion runs)")
     dataset = build_dataset(cfg)
     model = build_network(cfg, dataset, device)
     loader = ResumableLoader(dataset, micro_batch_size(t.batch_size, t.grad_accum_steps), cfg.seed,
                              hflip=dataset.hflip, num_workers=t.num_workers, device=device)
-    if t.ema != "standard":
-        raise ConfigError(f"train.ema={t.ema}: an autoencoder run keeps train.ema=standard (snapshots and post-hoc "
-                          f"EMA are for diffusion runs)")
     ema = EMA(model, decay=t.ema_decay, warmup=t.ema_warmup)
     optimizer = build_optimizer(model.parameters(), t.optimizer, t.lr, t.betas, t.weight_decay, device)
     step_fn = TrainStep(model, optimizer, device, t.precision, t.grad_clip, clipped_warmup(t.warmup_steps, t.steps),

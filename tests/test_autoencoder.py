@@ -148,3 +148,15 @@ def test_a_sweep_over_latent_channels_trains_one_autoencoder_per_job(tmp_path):
     jobs = sorted(p.parent.parent for p in (tmp_path / "sweep").glob("*/checkpoints/last.pt"))
     assert [j.name for j in jobs] == ["0-autoencoder.latent_channels_2", "1-autoencoder.latent_channels_4"]
     assert [load_autoencoder(j)[1]["latent_shape"][0] for j in jobs] == [2, 4]
+
+
+def test_power_ema_is_refused_before_any_work():
+    """train.ema=power writes snapshots in the diffusion loop only: the autoencoder says so in one line, before it
+    builds its data or network."""
+    from diffusion_lab.autoencoder import build
+    from diffusion_lab.errors import ConfigError
+    from tests.helpers import compose_config
+
+    cfg = compose_config(["train.ema=power"], config_name="autoencoder")
+    with pytest.raises(ConfigError, match="keeps train.ema=standard"):
+        build(cfg, None, torch.device("cpu"))

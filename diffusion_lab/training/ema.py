@@ -41,6 +41,8 @@ class Average:
     """A shadow copy of a model in eval mode (``module``) that ``update`` folds the model's weights into; buffers
     are copied, not averaged."""
 
+    snapshots = False  # whether the run writes snapshots of it (``snapshot``) for post-hoc reconstruction
+
     def __init__(self, model: nn.Module):
         self.num_updates = 0
         self.module = copy.deepcopy(_unwrap(model)).eval().requires_grad_(False)
@@ -135,6 +137,8 @@ class PowerEMA(Average):
     theta_hat_t = beta_t theta_hat_{t-1} + (1 - beta_t) theta_t with beta_t = (1 - 1/t)^(gamma + 1) (t = 1, 2, ...
     updates: the first copies the weights). ``module`` holds the average of ``stds[0]``; ``snapshot`` gives all of
     them, from which `posthoc_ema` reconstructs any other length after training."""
+
+    snapshots = True
 
     def __init__(self, model: nn.Module, stds: Sequence[float] = (0.05, 0.10)):
         super().__init__(model)

@@ -30,7 +30,7 @@ from ..models import count_parameters
 from ..registry import SCHEDULES
 from . import checkpoint, preemption, progress
 from .distributed import Ranks
-from .ema import EMA, PowerEMA
+from .ema import EMA
 from .loggers import sweep_tags
 from .outputs import Outputs, run_name
 from .run_state import RunState
@@ -205,7 +205,7 @@ class Loop:
             self.log_point(bar)
         grid_due = bool(t.sample_every and step % t.sample_every == 0) or last
         fid_due = fid.due(step) or (last and fid.enabled)
-        if isinstance(self.run.ema, PowerEMA) and (step % t.ema_snapshot_every == 0 or last):
+        if self.run.ema.snapshots and (step % t.ema_snapshot_every == 0 or last):
             self.out.ema_snapshot(step, self.run.ema, t.ema_snapshot_dtype)  # before last.pt: a resume never lacks it
         if grid_due or fid_due or bool(t.checkpoint_every and step % t.checkpoint_every == 0) or last:
             self.save_last()
