@@ -134,11 +134,12 @@ def karras(schedule, steps: int, rho: float = 7.0, lambda_min_clipped: float = -
 @GRIDS.register("shift")
 def shift(schedule, steps: int, shift: float = 3.0) -> torch.Tensor:
     """Esser et al. 2024 (SD3), eq. 23: uniform t shifted to t' = m t / (1 + (m - 1) t) on the flow path, i.e.
-    lambda' = lambda - 2 ln m; on any process the same logSNR shift of the uniform-t grid (m > 1: noisier)."""
+    lambda' = lambda - ln m (SD3's log SNR is 2 lambda: its shift 2 ln m); on any process the same logSNR shift of
+    the uniform-t grid (m > 1: noisier)."""
     if shift <= 0:
         raise ValueError(f"grid shift must be > 0, got {shift}")
     t = linspace(schedule, steps)
-    lam = (log_snr(schedule)[t] if schedule.discrete else schedule.log_snr(t)) - 2 * math.log(shift)
+    lam = (log_snr(schedule)[t] if schedule.discrete else schedule.log_snr(t)) - math.log(shift)
     if schedule.discrete:
         return nearest(log_snr(schedule), lam.tolist())
     return _times(schedule, lam)
