@@ -18,6 +18,7 @@ from tests.helpers import compose_config, run_main
 from tests.test_export import PREDICTION_ATOL, SAMPLE_ATOL, exported  # noqa: F401  (the module's fixture)
 
 diffusers = pytest.importorskip("diffusers")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)
 CPU = torch.device("cpu")
 
 
@@ -127,3 +128,38 @@ def test_what_cannot_be_read_is_refused_with_one_line(pipeline_dir, tmp_path, ca
         code, _, err = run_main("diffusion_lab.sample", [*args, "sampler=ddim", "sampler.steps=2", "num_samples=2",
                                                          f"hydra.run.dir={tmp_path / f'log{i}'}"], tmp_path, capsys)
         assert code == 2 and why in err and err.strip().count("\n") == 0, (args, err)
+
+
+def test_a_bare_unet_folder_with_its_scheduler_config(tmp_path):
+    """config.json + weights + scheduler_config.json in one folder (UNet2DModel.save_pretrained, save_config)."""
+    unet = tiny_unet()
+    unet.save_pretrained(tmp_path / "bare", safe_serialization=True)
+    diffusers.DDPMScheduler(num_train_timesteps=30, beta_schedule="linear", beta_start=1e-3, beta_end=0.2,
+                            prediction_type="sample").save_config(tmp_path / "bare")
+    trained = load_trained(f"diffusers:{tmp_path / 'bare'}", CPU)
+    assert trained.objective.name == "x0" and trained.schedule.num_timesteps == 30
+    torch.testing.assert_close(trained.schedule.betas.double(), torch.linspace(1e-3, 0.2, 30, dtype=torch.float64),
+                               rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("change,why", [
+    ({"_class_name": "UNet2DConditionModel"}, "it is a UNet2DConditionModel"),
+    ({"time_embedding_type": "fourier"}, "time_embedding_type='fourier'"),
+    ({"class_embed_type": "timestep"}, "class_embed_type='timestep'"),
+    ({"num_class_embeds": 1}, "num_class_embeds < 2"),
+    ({"out_channels": 2}, "a learned variance is not read"),
+])
+def test_a_unet_our_samplers_cannot_run_is_refused(pipeline_dir, tmp_path, change, why):
+    folder = tmp_path / "changed"
+    shutil.copytree(pipeline_dir, folder)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ValueError, match="cannot be sampled here") as refused:
+        load_trained(f"diffusers:{folder}", CPU)
+    assert why in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_data_is_only_for_a_diffusers_checkpoint(exported):  # noqa: F811
+    data = compose_config(["data=digits"], config_name="sample").data
+    with pytest.raises(ValueError, match="names the FID data of a checkpoint=diffusers:DIR"):
+        load_trained(exported["eps"][0], CPU, data=data)

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from diffusion_lab.config.build import build_model
 from diffusion_lab.config.trained import generate, load_trained
@@ -18,6 +17,7 @@ from diffusion_lab.train import train
 from tests.helpers import TINY, compose_config, run_main
 
 diffusers = pytest.importorskip("diffusers")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)
 
 T = 25  # timesteps of the tiny runs (cosine; the run also draws linear at T, which needs T > 20)
 NET = ["model=cifar", "data=digits", "model.base_channels=8", "model.channel_mult=[1,2]", "model.num_res_blocks=1",
@@ -157,3 +157,19 @@ def test_the_export_command_refuses_with_one_line(exported, tmp_path, capsys):
     assert code == 2 and err.strip() == f"error: out={folder} is not empty: pick a new folder"
     code, _, err = run_main("diffusion_lab.export", [f"checkpoint={run}"], tmp_path, capsys)
     assert code == 2 and err.strip() == "error: out is required: add out=..."
+
+
+def test_a_failed_export_leaves_nothing_behind(tmp_path):
+    """files.write_dir: the folder appears whole or not at all, and its temp folder is removed."""
+    from diffusion_lab import files
+
+    def half_written(folder):
+        (folder / "model_index.json").write_text("{}")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(files.WriteError, match="No space left on device"):
+        files.write_dir(tmp_path / "pipe", half_written)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "empty").mkdir()
+    files.write_dir(tmp_path / "empty", lambda folder: (folder / "a.json").write_text("{}"))
+    assert [p.name for p in (tmp_path / "empty").iterdir()] == ["a.json"] and len(list(tmp_path.iterdir())) == 1
