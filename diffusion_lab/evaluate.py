@@ -210,7 +210,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> List[Dict]:
     """One FID per sampler setting (and guidance scale); writes fid_vs_cost.{csv,json,png}, a grid per setting
     and, when guidance_scales is swept, guidance.png (FID and classifier accuracy against w)."""
     device = resolve_device(cfg.device)
-    trained = load_trained(Path(cfg.checkpoint), device)
+    trained = load_trained(cfg.checkpoint, device, data=cfg.get("data"))  # data: a diffusers: checkpoint's FID data
     sources = ema_sources(cfg)
     every = [sampler_settings(entry) for entry in cfg.samplers]
     for settings in every:

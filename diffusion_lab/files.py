@@ -96,6 +96,32 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     fsync_dir(path.parent)
 
 
+def write_dir(path: Path, fill: Callable[[Path], None]) -> None:
+    """Call fill(folder) on a new temp folder beside `path` and rename it to `path` (which must not exist or be an
+    empty folder): readers never see a half-written folder; WriteError (one line) if that fails, the temp removed."""
+    import shutil
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, suffix=".tmp",
+                                    prefix=f"{_temp_prefix(path)}{socket.gethostname()}.{os.getpid()}."))
+    except OSError as error:
+        raise WriteError(path, error) from error
+    try:
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; run files are shared
+        fill(tmp)
+        if path.is_dir():
+            path.rmdir()  # an empty folder: replaced by the filled one
+        os.rename(tmp, path)
+    except BaseException as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, (OSError, RuntimeError)):
+            raise WriteError(path, error) from error
+        raise
+    fsync_dir(path.parent)
+
+
 def write_text(path: Path, text: str) -> None:
     """Replace `path` with `text`, atomically."""
     write_atomic(path, lambda f: f.write(text.encode()))

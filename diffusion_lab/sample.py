@@ -63,7 +63,7 @@ def class_rows(images: torch.Tensor, labels: torch.Tensor, per_row: int = 8) -> 
 def sample(cfg: DictConfig, run_dir: Path) -> dict:
     """Write grid.png, samples.npz (and fid.json) into run_dir; return a summary."""
     device = resolve_device(cfg.device)
-    trained = load_trained(Path(cfg.checkpoint), device)
+    trained = load_trained(cfg.checkpoint, device, data=cfg.get("data"))  # data: a diffusers: checkpoint's FID data
     check_steps(OmegaConf.to_container(cfg.sampler), trained)
     notice = sampler_notice(trained, cfg.sampler.name)
     if notice:

@@ -9,7 +9,7 @@ import pytest
 from diffusion_lab.config.early import is_command
 from tests.helpers import REPO
 
-COMMANDS = ["train", "sample", "evaluate", "sampler_lab", "compare", "metric_check", "autoencoder"]
+COMMANDS = ["train", "sample", "evaluate", "sampler_lab", "compare", "metric_check", "autoencoder", "export"]
 HYDRA_COMMANDS = ["train", "sample", "evaluate", "sampler_lab"]
 
 

@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "diffusion_lab"
-COMMANDS = {"train", "sample", "evaluate", "sampler_lab", "compare", "metric_check", "autoencoder"}
+COMMANDS = {"train", "sample", "evaluate", "sampler_lab", "compare", "metric_check", "autoencoder", "export"}
 
 
 def module_names() -> dict:

@@ -17,6 +17,7 @@ from ..diffusion.objectives import Objective
 from ..errors import error_line
 from ..evaluation.fid import FIDEvaluator
 from ..evaluation.tracker import build_evaluator
+from ..interop import diffusers_unet
 from ..training import checkpoint
 from ..training import run_dir as run_dirs
 from . import CONF_DIR
@@ -42,10 +43,16 @@ class Trained:
         return x if self.latent is None else self.latent.decode(x)
 
 
-def load_trained(path: Path, device: torch.device) -> Trained:
+def load_trained(path, device: torch.device, data: Optional[DictConfig] = None) -> Trained:
     """The EMA model, schedule and objective of a checkpoint (a file or a run dir), its weights checked
-    against the architecture its saved config describes before that model is built."""
-    path = run_dirs.checkpoint_file(path)
+    against the architecture its saved config describes before that model is built; ``diffusers:DIR`` is a
+    diffusers UNet2DModel folder, whose FID reference is ``data`` (a run's checkpoint has its own data)."""
+    if str(path).startswith(diffusers_unet.PREFIX):
+        return load_diffusers(str(path)[len(diffusers_unet.PREFIX):], device, data)
+    if data is not None:
+        raise ValueError(f"data={data.name} names the FID data of a checkpoint=diffusers:DIR; the checkpoint {path} "
+                         f"has its own (drop data=)")
+    path = run_dirs.checkpoint_file(Path(path))
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     state = checkpoint.load(path, map_location=device)
@@ -56,6 +63,22 @@ def load_trained(path: Path, device: torch.device) -> Trained:
                    tuple(state["image_shape"]), state["step"],
                    {"run": state.get("wandb_run_id"), "group": wandb_group(path)},
                    restore_latent(state.get("latent"), device, what=str(path)))
+
+
+def load_diffusers(folder: str, device: torch.device, data: Optional[DictConfig]) -> Trained:
+    """A diffusers folder as a Trained: step 0, no W&B run, `data` (or none) as the data its FID compares with."""
+    loaded = diffusers_unet.load_folder(folder, device)
+    if data is not None and OmegaConf.select(data, "image_size") not in (None, loaded.image_shape[1]):
+        raise ValueError(f"data={data.name} has data.image_size={data.image_size}, the diffusers UNet makes "
+                         f"{loaded.image_shape[1]}x{loaded.image_shape[2]} images: set data.image_size")
+    cfg = OmegaConf.create({"checkpoint": diffusers_unet.PREFIX + folder, "logger": {"name": "none"},
+                            "model": {"name": "diffusers", "num_classes": loaded.network.num_classes},
+                            "schedule": {"name": "diffusers", "noise_steps": loaded.schedule.num_timesteps},
+                            "objective": {"name": loaded.objective.name}})
+    if data is not None:
+        cfg.data = data
+    return Trained(loaded.network, loaded.schedule.to(device), loaded.objective, cfg, loaded.image_shape, 0,
+                   {"run": None, "group": None})
 
 
 def checked_model(path: Path, state: dict, cfg: DictConfig, device: torch.device) -> torch.nn.Module:
@@ -132,6 +155,9 @@ def generate(trained: Trained, sampler: Callable, num_samples: int, batch_size: 
 def make_fid_evaluator(eval_cfg: DictConfig, train_cfg: DictConfig, device: torch.device,
                        num_samples: int) -> FIDEvaluator:
     """A FID evaluator against split `eval.reference` of the checkpoint's data, with its floor at num_samples."""
+    if OmegaConf.select(train_cfg, "data") is None:
+        raise ValueError(f"FID needs reference data: add data=digits, data=cifar10 or data=folder "
+                         f"(checkpoint={OmegaConf.select(train_cfg, 'checkpoint')} names none)")
     return build_evaluator(eval_cfg, functools.partial(build_dataset, train_cfg), device, num_samples,
                            progress=console.terminal())  # clean-fid's bar: no carriage returns in a redirected file
 
