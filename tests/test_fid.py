@@ -397,10 +397,19 @@ def test_caches_of_an_older_version_without_features_or_kid_floors_are_rebuilt(d
         again.set_reference("digits", test, split="test")
         again.set_floor(train)
     assert again.reference_source == "computed" and "holds no reference features" in caplog.text
-    assert floor_file in caplog.text and "no finite kid, kid_std, precision, recall floors" in caplog.text
+    assert f"{floor_file} holds no KID or precision/recall floors (written by an older version)" in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
     np.testing.assert_array_equal(again.ref_feats, ev.ref_feats)
     assert again.floor_metrics == ev.floor_metrics and np.load(stats)["feats"].shape == (200, ev.ref_mu.shape[0])
-    assert json.load(open(floor_file))["kid"] == ev.floor_metrics["kid"]
+    saved = json.load(open(floor_file))
+    assert saved["kid"] == ev.floor_metrics["kid"]
+    saved["recall"] = float("nan")  # present but broken: warned as unusable
+    with open(floor_file, "w") as f:
+        json.dump(saved, f)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="diffusion_lab.evaluation.fid"):
+        assert again.set_floor(train) == ev.floor and again.floor_metrics == ev.floor_metrics
+    assert floor_file in caplog.text and "no finite kid, kid_std, precision, recall floors" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,3 +496,16 @@ def test_streamed_fid_stops_between_batches_and_returns_none():
 
     assert tracker.evaluate(sample_then_signal, stop=lambda: bool(seeds)) is None
     assert seeds == [3] and tracker.last is None and tracker.history == []
+
+
+def test_tracker_summary_carries_kid_and_precision_recall_through_a_resume():
+    tracker, sample = tracker_and_sampler("digits")
+    result = tracker.evaluate(sample)
+    tracker.record(1, result)
+    summary = tracker.summary()
+    assert summary["final_kid"] == result.kid and summary["final_recall"] == result.recall
+    assert summary["kid_floor"] == tracker.evaluator.floor_metrics["kid"] == result.kid_floor
+    assert 0 < summary["precision_floor"] <= 1 and 0 < summary["recall_floor"] <= 1
+    resumed, _ = tracker_and_sampler("digits")
+    resumed.load_state_dict(tracker.state_dict())  # a run resumed from this checkpoint, before its next FID
+    assert resumed.summary() == summary

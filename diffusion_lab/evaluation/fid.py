@@ -613,6 +613,10 @@ def _cached_floor(path: str, with_set_metrics: bool) -> Optional[Tuple[float, Di
         _bad_cache(path, f"floor {value!r} is not a finite positive number")
         return None
     if with_set_metrics and not set_metrics.valid(saved):
-        _bad_cache(path, f"it holds no finite {', '.join(set_metrics.KEYS)} floors")
+        if not any(k in saved for k in set_metrics.KEYS):
+            log.info("FID floor cache file %s holds no KID or precision/recall floors (written by an older "
+                     "version): recomputing it", path)
+        else:
+            _bad_cache(path, f"it holds no finite {', '.join(set_metrics.KEYS)} floors")
         return None
     return float(value), {k: float(saved[k]) for k in set_metrics.KEYS} if with_set_metrics else {}
