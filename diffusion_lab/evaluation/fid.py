@@ -228,7 +228,8 @@ class FIDResult:
         floor = f"floor {self.floor:.4f}, n={self.floor_n}, " if self.floor is not None else ""
         scores = "".join(f", {k} {v:.3f}" for k, v in self.scores.items())
         beside = set_metrics.describe(vars(self), {k: getattr(self, f"{k}_floor") for k in set_metrics.FLOOR_KEYS})
-        return f"FID {self.value:.4f} ({floor}vs {self.reference}) {self.label()}{scores}" + (f", {beside}" if beside else "")
+        beside = f", {beside}" if beside else ""
+        return f"FID {self.value:.4f} ({floor}vs {self.reference}) {self.label()}{scores}{beside}"
 
 
 class FIDEvaluator:
@@ -561,7 +562,8 @@ class FIDEvaluator:
         feats = self.features(images)
         ref = self.features(reference_images)
         value = float(cfid.frechet_distance(*self.statistics(feats), *self.statistics(ref)))
-        return self._result(value, len(feats), feats, self.class_scores(feats), ref, f"{reference_name} ({len(ref)} images)")
+        return self._result(value, len(feats), feats, self.class_scores(feats), ref,
+                            f"{reference_name} ({len(ref)} images)")
 
 
 def _bad_cache(path: str, why: str) -> None:
