@@ -3,7 +3,9 @@
 Every sampler setting in `samplers` draws `num_samples` images from the same starting noise; the
 result is a table and a plot of FID against NFE (model evaluations) and against wall time. For a class-conditional
 checkpoint, `guidance_scales=[0,1,2,4]` scores every setting at each guidance scale w on labels cycling through
-the classes, with the digits classifier's accuracy on the asked labels (digits only), and plots both against w.
+the classes, with the digits classifier's accuracy on the asked labels (digits only), and plots FID, accuracy and
+precision/recall against w. Every row carries KID (mean and std over subsets) and improved precision/recall beside
+FID, with their floors.
 For a train.ema=power run, `ema_lengths=[0.05,0.1]` instead scores the EMA of each length sigma_rel, rebuilt from
 the run's snapshots (`training/posthoc_ema`): ema_fid.csv/png and, with `save_best_ema`, posthoc_ema.pt.
 """
@@ -36,6 +38,7 @@ from .diffusion.conditioning import balanced_labels
 from .diffusion.samplers import build_sampler, num_evaluations, num_steps, setting_label, steps_for
 from .evaluation.features import class_accuracy
 from .evaluation.plots import plot_ema_fid, plot_fid_vs_cost, plot_guidance
+from .evaluation.set_metrics import describe
 from .training import checkpoint, posthoc_ema, preemption
 from .training import run_dir as run_dirs
 from .training.loggers import log_linked_run
@@ -76,11 +79,12 @@ def score(cfg: DictConfig, trained, evaluator, settings: Dict, labels: Optional[
     classifier = evaluator.extractor if hasattr(evaluator.extractor, "logits") else None
     accuracy = class_accuracy(classifier, images, labels) if labels is not None and classifier is not None else None
     save_grid(images[:64], run_dir / f"grid_{file_tag(label)}.png")
-    console.info(f"{note}{label}: FID {result.value:.4f} (floor {result.floor:.4f})"
+    beside = describe(result.metrics(), {})
+    console.info(f"{note}{label}: FID {result.value:.4f} (floor {result.floor:.4f})" + (f", {beside}" if beside else "")
                  + (f", accuracy {accuracy:.4f}" if accuracy is not None else "") + f", {seconds:.1f}s")
+    metrics = {k: v for k, v in result.metrics().items() if k not in result.scores}  # fid, kid, ..., their floors
     return {"model": model, "sampler": name, "steps": steps, "nfe": nfe, "guidance_scale": w, "setting": label,
-            "fid": result.value, "fid_floor": result.floor,
-            "accuracy": accuracy, "seconds": seconds, "seconds_per_image": seconds / cfg.num_samples,
+            **metrics, "accuracy": accuracy, "seconds": seconds, "seconds_per_image": seconds / cfg.num_samples,
             "settings": json.dumps(settings), "label": result.label()}
 
 
@@ -93,7 +97,8 @@ def write_rows(run_dir: Path, rows: List[Dict], label: str, evaluator, cfg: Dict
     writer.writerows(rows)
     files.write_text(run_dir / "fid_vs_cost.csv", text.getvalue())
     files.write_json(run_dir / "fid_vs_cost.json", {"label": label, "floor": evaluator.floor,
-                                                     "floor_n": evaluator.floor_n, "checkpoint": str(cfg.checkpoint),
+                                                     "floor_n": evaluator.floor_n, **evaluator.floors(),
+                                                     "checkpoint": str(cfg.checkpoint),
                                                      "teacher": OmegaConf.select(trained.config, "train.teacher",
                                                                                  default=None),
                                                      "step": trained.step, "stopped_by": stopped_by, "rows": rows})
@@ -236,10 +241,14 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> List[Dict]:
     title, floor = f"{label}, checkpoint step {trained.step}", (evaluator.floor, evaluator.floor_n)
     pictures = {"fid_vs_cost": plot_fid_vs_cost(rows, run_dir / "fid_vs_cost.png", title, floor=floor)}
     if scales != [None]:
-        pictures["guidance"] = plot_guidance(rows, run_dir / "guidance.png", title, floor=floor)
-    values = {f"fid/{file_tag(r['setting'])}": r["fid"] for r in rows}
+        pictures["guidance"] = plot_guidance(rows, run_dir / "guidance.png", title, floor=floor,
+                                             floors=evaluator.floor_metrics)
+    values = {f"{key}/{file_tag(r['setting'])}": r[key] for r in rows for key in ("fid", "kid", "precision", "recall")
+              if r[key] is not None}
     log_linked_run(OmegaConf.to_container(trained.config), trained.source, "evaluate", run_dir,
-                   OmegaConf.to_container(cfg), {**values, "fid_floor": evaluator.floor, "fid_label": label}, pictures)
+                   OmegaConf.to_container(cfg), {**values, "fid_floor": evaluator.floor, **evaluator.floors(),
+                                                 "fid_label": label},
+                   pictures)
     console.info(label)
     console.info(f"wrote {', '.join(str(p) for p in pictures.values())} and {run_dir / 'fid_vs_cost.csv'}")
     return rows

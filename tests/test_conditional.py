@@ -83,3 +83,6 @@ def test_guidance_sweep_trains_compares_samples_and_evaluates(tmp_path):
     rows = json.loads((tmp_path / "e" / "fid_vs_cost.json").read_text())["rows"]
     assert [r["guidance_scale"] for r in rows] == [0.0, 2.0]
     assert all(0 <= r["accuracy"] <= 1 and r["fid"] > 0 for r in rows) and (tmp_path / "e" / "guidance.png").is_file()
+    saved = json.loads((tmp_path / "e" / "fid_vs_cost.json").read_text())  # guidance.png's precision/recall panel
+    assert all(0 <= r[k] <= 1 for r in rows for k in ("precision", "recall", "precision_floor", "recall_floor"))
+    assert all(r["recall_floor"] == saved["recall_floor"] and r["kid_std"] >= 0 for r in rows)

@@ -147,7 +147,9 @@ def fid_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None
         tracker = FIDTracker(OmegaConf.create(FID_CFG), lambda split: images, "cpu", seed=5)
         made: list = []
         result = tracker.evaluate(fake_sampler(made), Ranks(rank, world_size, rank))
-        Path(out_dir, f"{rank}.json").write_text(json.dumps({"fid": result.value, "n": result.num_samples, "made": made}))
+        beside = {k: getattr(result, k) for k in ("kid", "kid_std", "precision", "recall")}  # from gathered features
+        Path(out_dir, f"{rank}.json").write_text(json.dumps({"fid": result.value, "n": result.num_samples, "made": made,
+                                                             **beside}))
     finally:
         dist.destroy_process_group()
 
@@ -165,6 +167,8 @@ def test_fid_split_over_two_ranks_equals_one_process(tmp_path):
     for r in ranks:
         assert r["n"] == single.num_samples == 96
         assert r["fid"] == pytest.approx(single.value, rel=1e-6, abs=1e-9)
+        for key in ("kid", "kid_std", "precision", "recall"):
+            assert r[key] == pytest.approx(getattr(single, key), rel=1e-6, abs=1e-9), key
 
 
 # ------------------------------------------------------------------------------------------------

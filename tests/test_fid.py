@@ -308,6 +308,19 @@ def test_cifar10_precomputed_stats_or_custom_fallback(tmp_path, monkeypatch, cap
     np.testing.assert_array_equal(ev.ref_sigma, np.eye(128))
     result = ev.compute(noise_source(channels=3, size=32), 30)
     assert result.label() == "FID[clean, inception, 30 samples vs clean-fid cifar10 train]"
+    kid_file, kid_url = fid.precomputed_stats("cifar10", 32, "clean", "train", metric="KID")
+    assert kid_file.endswith("cifar10_clean_train_32_kid.npz") and kid_url.endswith("cifar10_clean_train_32_kid.npz")
+    assert (result.kid, result.precision, result.recall) == (None, None, None) and "KID" not in str(result)
+    assert f"KID features are unavailable (downloads are off); KID and precision/recall are unavailable (None)" \
+           f" against them. To use them, download {kid_url} to {kid_file}." in caplog.text
+
+    ref_feats = ev.features(noise(40, channels=3, size=32, seed=5))
+    np.savez(kid_file, feats=ref_feats)  # clean-fid's reference features for KID, as if downloaded
+    ev = FIDEvaluator(download=False, **kwargs)
+    ev.set_reference("cifar10", images)
+    fake = ev.features(noise(30, channels=3, size=32))
+    result = ev.score_features(fake)
+    assert result.kid == pytest.approx(fid.set_metrics.set_metrics(ref_feats, fake)["kid"], rel=1e-12)
 
 
 def test_one_and_three_channels_and_datasets(digits, tmp_path):
@@ -346,15 +359,57 @@ def test_floor_is_the_fid_of_real_training_images_and_is_cached(digits, tmp_path
     assert ev.floor_n == 200 and floor == ev.floor
     order = torch.randperm(600, generator=torch.Generator().manual_seed(fid.FLOOR_SEED))[:200]
     assert floor == pytest.approx(reference_fid(ev.features(train[order]), ev.features(test)), rel=1e-6)
+    real = ev.features(test)
+    assert ev.floor_metrics == fid.set_metrics.set_metrics(real, ev.features(train[order]))
     result = ev.compute(noise_source(), 200)
     assert (result.floor, result.floor_n) == (floor, 200) and result.value > 20 * floor
     assert str(result).startswith(f"FID {result.value:.4f} (floor {floor:.4f}, n=200, vs digits test (300 images))")
+    beside = fid.set_metrics.set_metrics(real, ev.features(noise(200)))
+    assert {k: getattr(result, k) for k in beside} == pytest.approx(beside, rel=1e-9)
+    assert (result.kid_floor, result.precision_floor, result.recall_floor) == tuple(
+        ev.floor_metrics[k] for k in ("kid", "precision", "recall"))
+    assert result.kid > result.kid_floor + 10 * result.kid_std and result.precision < ev.floor_metrics["precision"]
+    assert f"KID {result.kid:.4g} +- {result.kid_std:.2g} (floor {result.kid_floor:.2g}), P/R " in str(result)
+    assert result.metrics().keys() >= {"fid", "fid_floor", "kid", "kid_std", "precision", "recall", "kid_floor",
+                                       "precision_floor", "recall_floor"}
+    floor_metrics = dict(ev.floor_metrics)
     assert ev.set_floor(train[:150]) != floor and ev.floor_n == 150  # fewer images than asked: all of them
 
     monkeypatch.setattr(cfid, "get_model_features", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
     cached = small_evaluator(tmp_path, num_samples=200)
-    cached.set_reference("digits", test, split="test")  # statistics and floor both come from the cache
+    cached.set_reference("digits", test, split="test")  # statistics, features and floors all come from the cache
     assert cached.reference_source == "cache" and cached.set_floor(train) == floor
+    np.testing.assert_array_equal(cached.ref_feats, real)
+    assert cached.floor_metrics == floor_metrics
+
+
+def test_caches_of_an_older_version_without_features_or_kid_floors_are_rebuilt(digits, tmp_path, caplog):
+    train, test = digits[:300], digits[300:500]
+    ev = small_evaluator(tmp_path, num_samples=100)
+    ev.set_reference("digits", test, split="test")
+    ev.set_floor(train)
+    stats, floor_file = (os.path.join(tmp_path, p) for p in sorted(os.listdir(tmp_path)) if p.endswith((".npz", ".json")))
+    np.savez(stats, mu=ev.ref_mu, sigma=ev.ref_sigma)  # as written before the features were kept
+    with open(floor_file, "w") as f:
+        json.dump({"floor": ev.floor}, f)
+    again = small_evaluator(tmp_path, num_samples=100)
+    with caplog.at_level("INFO", logger="diffusion_lab.evaluation.fid"):
+        again.set_reference("digits", test, split="test")
+        again.set_floor(train)
+    assert again.reference_source == "computed" and "holds no reference features" in caplog.text
+    assert f"{floor_file} holds no KID or precision/recall floors (written by an older version)" in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    np.testing.assert_array_equal(again.ref_feats, ev.ref_feats)
+    assert again.floor_metrics == ev.floor_metrics and np.load(stats)["feats"].shape == (200, ev.ref_mu.shape[0])
+    saved = json.load(open(floor_file))
+    assert saved["kid"] == ev.floor_metrics["kid"]
+    saved["recall"] = float("nan")  # present but broken: warned as unusable
+    with open(floor_file, "w") as f:
+        json.dump(saved, f)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="diffusion_lab.evaluation.fid"):
+        assert again.set_floor(train) == ev.floor and again.floor_metrics == ev.floor_metrics
+    assert floor_file in caplog.text and "no finite kid, kid_std, precision, recall floors" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,6 +443,8 @@ def test_streamed_fid_equals_fid_of_all_features_at_once():
     at_once = ev.score_features(ev.features(images))
     assert streamed.num_samples == at_once.num_samples == 100 and streamed.label() == at_once.label()
     assert streamed.value == pytest.approx(at_once.value, rel=1e-6)
+    for key in ("kid", "kid_std", "precision", "recall"):  # the kept features are those of all at once
+        assert getattr(streamed, key) == pytest.approx(getattr(at_once, key), rel=1e-6, abs=1e-9), key
     assert streamed.scores.keys() == at_once.scores.keys() == {"label_entropy", "class_entropy", "is_like"}
     for name, value in at_once.scores.items():
         assert streamed.scores[name] == pytest.approx(value, rel=1e-9, abs=1e-12)
@@ -439,3 +496,16 @@ def test_streamed_fid_stops_between_batches_and_returns_none():
 
     assert tracker.evaluate(sample_then_signal, stop=lambda: bool(seeds)) is None
     assert seeds == [3] and tracker.last is None and tracker.history == []
+
+
+def test_tracker_summary_carries_kid_and_precision_recall_through_a_resume():
+    tracker, sample = tracker_and_sampler("digits")
+    result = tracker.evaluate(sample)
+    tracker.record(1, result)
+    summary = tracker.summary()
+    assert summary["final_kid"] == result.kid and summary["final_recall"] == result.recall
+    assert summary["kid_floor"] == tracker.evaluator.floor_metrics["kid"] == result.kid_floor
+    assert 0 < summary["precision_floor"] <= 1 and 0 < summary["recall_floor"] <= 1
+    resumed, _ = tracker_and_sampler("digits")
+    resumed.load_state_dict(tracker.state_dict())  # a run resumed from this checkpoint, before its next FID
+    assert resumed.summary() == summary

@@ -42,6 +42,25 @@ def test_fid_vs_cost_draws_one_labelled_line_per_guidance_scale():
     assert [line.get_label() for line in unguided.axes[0].get_lines()] == ["ddim"]
 
 
+def test_guidance_picture_has_a_precision_and_recall_panel(tmp_path):
+    from diffusion_lab.evaluation.plots import guidance_figure, plot_guidance
+
+    rows = [{"sampler": "edm", "nfe": 25, "guidance_scale": w, "fid": 5 + w, "accuracy": 0.5 + w / 10,
+             "precision": 0.6 + w / 10, "recall": 0.8 - w / 10} for w in (2.0, 0.0, 1.0, 4.0)]
+    fig = guidance_figure(rows, "FID[...]", floor=(3.0, 500), floors={"precision": 0.9, "recall": 0.85})
+    assert len(fig.axes) == 3 and fig.axes[2].get_ylim() == (-0.03, 1.03)
+    lines = {line.get_label(): line for line in fig.axes[2].get_lines()}
+    assert list(lines) == ["precision, edm, NFE 25", "recall, edm, NFE 25", "precision of real train images",
+                           "recall of real train images"]
+    assert list(lines["precision, edm, NFE 25"].get_xdata()) == [0.0, 1.0, 2.0, 4.0]  # in order of w
+    assert list(lines["recall, edm, NFE 25"].get_ydata()) == pytest.approx([0.8, 0.7, 0.6, 0.4])
+    assert lines["recall, edm, NFE 25"].get_color() == lines["precision, edm, NFE 25"].get_color()
+    assert list(lines["precision of real train images"].get_ydata()) == [0.9, 0.9]
+    without = [{**r, "precision": None, "recall": None} for r in rows]  # no reference features: an empty panel
+    assert guidance_figure(without, "FID[...]").axes[2].get_lines() == []
+    assert plot_guidance(rows, tmp_path / "guidance.png", "FID[...]").is_file()
+
+
 def test_fid_history_is_one_curve_per_sample_size(tmp_path):
     from types import SimpleNamespace
 

@@ -86,12 +86,19 @@ def test_floor_and_numbers_in_summary_json_and_wandb(tiny_run):
     assert "digits classifier" in saved["fid_label"] and saved["final_fid"] == saved["fid_history"][-1][1]
     metrics = [r for r in read_metrics(run_dir / "metrics.jsonl") if "fid" in r]
     assert [r["fid_floor"] for r in metrics] == [saved["fid_floor"]] * 2 and all("is_like" in r for r in metrics)
+    beside = ("kid", "kid_std", "precision", "recall")  # at the same eval points, with their floors beside
+    assert all(is_number(r[k]) for r in metrics for k in (*beside, "kid_floor", "precision_floor", "recall_floor"))
+    assert all(0 <= r[k] <= 1 for r in metrics for k in ("precision", "recall", "precision_floor", "recall_floor"))
+    assert {saved[f"final_{k}"] for k in beside} == {metrics[-1][k] for k in beside}
+    assert [saved[f"{k}_floor"] for k in ("kid", "precision", "recall")] == [
+        metrics[-1][f"{k}_floor"] for k in ("kid", "precision", "recall")]
 
     run, wb, history = wandb_run(run_dir)
     assert run.job_type == "train"
-    for key in ("final_loss", "best_fid", "final_fid", "fid_floor", "loss", "fid"):
+    for key in ("final_loss", "best_fid", "final_fid", "fid_floor", "loss", "fid", "kid", "recall", "final_kid",
+                "final_precision", "kid_floor", "recall_floor"):
         assert is_number(wb[key]), (key, wb.get(key))
-    for key in ("final_loss", "best_fid", "fid_floor"):
+    for key in ("final_loss", "best_fid", "fid_floor", "final_kid", "final_recall", "precision_floor"):
         assert wb[key] == pytest.approx(saved[key])
     assert wb["fid_label"] == saved["fid_label"]
     types = {k: v["_type"] for row in history for k, v in row.items() if isinstance(v, dict) and "_type" in v}

@@ -6,7 +6,10 @@ resizes each image with the ``mode``'s resizer (``clean``: PIL bicubic to 299x29
 the feature extractor batch by batch. Statistics are ``np.mean``/``np.cov`` over the features (as in
 clean-fid) and the score is ``cleanfid.fid.frechet_distance``. FID during training streams instead
 (``batch_stats`` per batch, merged in ``moments.py``, then ``score_stats``): the same value to float precision,
-in memory bounded by one batch.
+holding one batch of images at a time (and the features, for KID and precision/recall).
+
+Beside FID, on the same features: KID (``kid.py``) and improved precision/recall (``precision_recall.py``),
+which need the reference's features themselves, so these are cached with its statistics.
 
 Feature extractors (``features.py`` holds the download-free ones):
   inception  clean-fid's Inception (``build_feature_extractor``); its weights are downloaded on first use.
@@ -15,7 +18,8 @@ Feature extractors (``features.py`` holds the download-free ones):
   auto       digits for the digits data, else inception.
 
 Reference statistics: clean-fid's precomputed ones where they exist (cifar10 at 32px, train and test
-splits, inception only); otherwise computed from the split's images and cached as an .npz in ``cache_dir``.
+splits, inception only; KID's reference features from clean-fid's ``_kid`` file, else KID and precision/recall
+are None); otherwise computed from the split's images and cached (mu, sigma, feats) as an .npz in ``cache_dir``.
 Beside every FID stands its noise floor: the FID of real training images against the same reference
 at the same sample count (``set_floor``), which no generator can be expected to beat.
 
@@ -47,6 +51,7 @@ from cleanfid.features import build_feature_extractor, get_reference_statistics
 from cleanfid.inception_pytorch import FID_WEIGHTS_URL as INCEPTION_PYTORCH_URL
 
 from ..files import first_line, write_atomic, write_json
+from . import set_metrics
 from .features import ClassSums, SmallFeatureExtractor, cache_root, classifier_score, digits_classifier
 from .moments import Moments, SampleStats
 
@@ -100,12 +105,13 @@ def inception_weights(mode: str) -> Tuple[str, str]:
     return os.path.join(folder, "inception-2015-12-05.pt"), INCEPTION_TORCHSCRIPT_URL
 
 
-def precomputed_stats(name: str, res: int, mode: str, split: str) -> Tuple[str, str]:
-    """(local path, URL) of a clean-fid precomputed statistics file (same naming as clean-fid).
+def precomputed_stats(name: str, res: int, mode: str, split: str, metric: str = "FID") -> Tuple[str, str]:
+    """(local path, URL) of a clean-fid precomputed statistics file (same naming as clean-fid); metric "KID":
+    the file of reference features clean-fid's KID uses.
 
     clean-fid keeps them in ``<cleanfid package dir>/stats``; it has no setting to move that folder.
     """
-    fname = f"{name}_{mode}_{split}_{res}.npz".lower()
+    fname = f"{name}_{mode}_{split}_{res}{'_kid' if metric == 'KID' else ''}.npz".lower()
     folder = os.path.join(os.path.dirname(cleanfid.__file__), "stats")
     return os.path.join(folder, fname), f"{CLEANFID_STATS_URL}/{fname}"
 
@@ -188,7 +194,9 @@ def _batch_reader(images: Union[torch.Tensor, torch.utils.data.Dataset], batch_s
 @dataclass
 class FIDResult:
     """One FID value, what it was measured with (``label()`` names all of it) and its noise floor: the FID of
-    ``floor_n`` real training images against the same reference. ``scores``: the classifier score, if any."""
+    ``floor_n`` real training images against the same reference. ``scores``: the classifier score, if any.
+    KID (mean and std over subsets) and improved precision/recall on the same features, each with its floor
+    from the same real images; None where the reference features are unavailable (``set_metrics.py``)."""
 
     value: float
     mode: str
@@ -198,14 +206,30 @@ class FIDResult:
     floor: Optional[float] = None
     floor_n: Optional[int] = None
     scores: Dict[str, float] = field(default_factory=dict)
+    kid: Optional[float] = None
+    kid_std: Optional[float] = None
+    precision: Optional[float] = None
+    recall: Optional[float] = None
+    kid_floor: Optional[float] = None
+    precision_floor: Optional[float] = None
+    recall_floor: Optional[float] = None
 
     def label(self) -> str:
         return f"FID[{self.mode}, {self.extractor}, {self.num_samples} samples vs {self.reference}]"
 
+    def metrics(self) -> Dict[str, Optional[float]]:
+        """What a log point, a row or a summary records: fid, fid_floor, kid, kid_std, precision, recall, their
+        floors (kid_floor, ...) and the classifier scores."""
+        beside = {k: getattr(self, k) for k in set_metrics.KEYS}
+        floors = {f"{k}_floor": getattr(self, f"{k}_floor") for k in set_metrics.FLOOR_KEYS}
+        return {"fid": self.value, "fid_floor": self.floor, **beside, **floors, **self.scores}
+
     def __str__(self) -> str:
         floor = f"floor {self.floor:.4f}, n={self.floor_n}, " if self.floor is not None else ""
         scores = "".join(f", {k} {v:.3f}" for k, v in self.scores.items())
-        return f"FID {self.value:.4f} ({floor}vs {self.reference}) {self.label()}{scores}"
+        beside = set_metrics.describe(vars(self), {k: getattr(self, f"{k}_floor") for k in set_metrics.FLOOR_KEYS})
+        beside = f", {beside}" if beside else ""
+        return f"FID {self.value:.4f} ({floor}vs {self.reference}) {self.label()}{scores}{beside}"
 
 
 class FIDEvaluator:
@@ -268,10 +292,12 @@ class FIDEvaluator:
         self.head: Optional[nn.Module] = getattr(self.extractor, "head", None)  # features -> class logits
         self.ref_mu: Optional[np.ndarray] = None
         self.ref_sigma: Optional[np.ndarray] = None
+        self.ref_feats: Optional[np.ndarray] = None  # for KID and precision/recall; None: those are unavailable
         self.reference: Optional[str] = None  # e.g. "digits test (359 images)"
         self.reference_source: Optional[str] = None  # "precomputed", "cache" or "computed"
         self.floor: Optional[float] = None
         self.floor_n: Optional[int] = None
+        self.floor_metrics: Dict[str, float] = {}  # set_metrics of the floor's real images: KID, P/R floors
 
     def _build_extractor(self, choice: Union[str, nn.Module], fallback: str) -> Optional[Callable]:
         if isinstance(choice, nn.Module):
@@ -303,6 +329,11 @@ class FIDEvaluator:
     @property
     def enabled(self) -> bool:
         return self.extractor is not None
+
+    def floors(self) -> Dict[str, Optional[float]]:
+        """{kid_floor, precision_floor, recall_floor}: the scores beside FID of the floor's real images (None
+        where unavailable)."""
+        return {f"{k}_floor": self.floor_metrics.get(k) for k in set_metrics.FLOOR_KEYS}
 
     @property
     def resize_label(self) -> str:
@@ -384,9 +415,12 @@ class FIDEvaluator:
                 first = images[0] if isinstance(images, torch.Tensor) else _first(images[0])
                 resolution = int(first.shape[-1])
         if split in PRECOMPUTED.get((name, resolution), ()) and self.extractor_name == "inception":
-            stats = self._load_precomputed(name, resolution, split)
+            stats = self._load_precomputed(name, resolution, split, "FID", "computing custom statistics from the "
+                                                                           "dataset instead")
             if stats is not None:
                 self.ref_mu, self.ref_sigma = stats
+                self.ref_feats = self._load_precomputed(name, resolution, split, "KID", "KID and precision/recall are "
+                                                        "unavailable (None) against them")
                 self.reference, self.reference_source = f"clean-fid {name} {split}", "precomputed"
                 self._reference_key = f"{name}_{resolution}px_{self.mode}_{split}_precomputed"
                 return
@@ -397,14 +431,15 @@ class FIDEvaluator:
         self.reference, self._reference_key = f"{name} {split} ({n} images)", os.path.basename(path)
         cached = _cached_stats(path)
         if cached is not None:
-            self.ref_mu, self.ref_sigma = cached
+            self.ref_mu, self.ref_sigma, self.ref_feats = cached
             self.reference_source = "cache"
             log.info("FID reference statistics loaded from cache: %s", path)
             return
-        self.ref_mu, self.ref_sigma = self.statistics(self._features(images, n, f"FID stats {name}: "))
+        self.ref_feats = self._features(images, n, f"FID stats {name}: ")
+        self.ref_mu, self.ref_sigma = self.statistics(self.ref_feats)
         self.reference_source = "computed"
-        write_atomic(path, lambda f: np.savez(f, mu=self.ref_mu, sigma=self.ref_sigma))
-        log.info("FID reference statistics computed from %d images and cached: %s", n, path)
+        write_atomic(path, lambda f: np.savez(f, mu=self.ref_mu, sigma=self.ref_sigma, feats=self.ref_feats))
+        log.info("FID reference statistics and features computed from %d images and cached: %s", n, path)
 
     def set_floor(self, train_images: Images, num_samples: Optional[int] = None) -> Optional[float]:
         """The noise floor: FID of ``num_samples`` real training images (a seeded random subset; all of
@@ -417,37 +452,39 @@ class FIDEvaluator:
         n = min(num_samples or self.num_samples, len(train_images))
         key = f"{self._reference_key}|{self.extractor_id}|{fingerprint(train_images)}|{len(train_images)}|{n}|{FLOOR_SEED}"
         path = os.path.join(self.cache_dir, f"floor_{hashlib.sha1(key.encode()).hexdigest()[:12]}.json")
-        self.floor = _cached_floor(path)
+        self.floor, self.floor_metrics = _cached_floor(path, with_set_metrics=self.ref_feats is not None) or (None, {})
         if self.floor is None:
             order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(FLOOR_SEED))[:n].tolist()
             subset = torch.utils.data.Subset(train_images, order)
-            self.floor = self._against_reference(self._features(subset, n, "FID floor: ")).value
+            feats = self._features(subset, n, "FID floor: ")
+            self.floor = float(cfid.frechet_distance(*self.statistics(feats), self.ref_mu, self.ref_sigma))
             if _valid_floor(self.floor):
-                write_json(path, {"floor": self.floor, "n": n, "key": key})
+                self.floor_metrics = set_metrics.set_metrics(self.ref_feats, feats) if self.ref_feats is not None else {}
+                write_json(path, {"floor": self.floor, "n": n, "key": key, **self.floor_metrics})
             else:  # degenerate features: a floor that means nothing is neither cached nor shown
                 log.warning("FID floor of %d training images is %r, not a finite positive number: not used", n, self.floor)
                 self.floor = None
         self.floor_n = n if self.floor is not None else None
         return self.floor
 
-    def _load_precomputed(self, name: str, res: int, split: str):
-        """clean-fid's precomputed (mu, sigma), or None (with a warning) when they cannot be had."""
-        path, url = precomputed_stats(name, res, self.mode, split)
+    def _load_precomputed(self, name: str, res: int, split: str, metric: str, otherwise: str):
+        """clean-fid's precomputed (mu, sigma) (metric "FID") or reference features (metric "KID"), or None
+        with one warning line that ends saying what happens ``otherwise``."""
+        path, url = precomputed_stats(name, res, self.mode, split, metric)
         existed = os.path.exists(path)
         if not existed and not self.download:
             problem = "downloads are off"
         else:
             try:
                 with _socket_timeout(self.download_timeout):
-                    return get_reference_statistics(name, res, mode=self.mode, split=split)
+                    return get_reference_statistics(name, res, mode=self.mode, split=split, metric=metric)
             except Exception as e:
                 if not existed and os.path.exists(path):
                     os.remove(path)
                 problem = f"{type(e).__name__}: {e}"
-        _warn_once(
-            f"FID: clean-fid's precomputed {name} {split} statistics are unavailable ({problem}); "
-            f"computing custom statistics from the dataset instead. To use them, download {url} to {path}."
-        )
+        what = "statistics" if metric == "FID" else "KID features"
+        _warn_once(f"FID: clean-fid's precomputed {name} {split} {what} are unavailable ({problem}); "
+                   f"{otherwise}. To use them, download {url} to {path}.")
         return None
 
     # -- scores --------------------------------------------------------------------------------
@@ -493,20 +530,30 @@ class FIDEvaluator:
         if self.head is not None:
             with torch.no_grad():
                 classes = ClassSums.of(self.head(torch.from_numpy(feats).float().to(self.device)).cpu())
-        return SampleStats(Moments.of(feats), classes)
+        return SampleStats(Moments.of(feats), classes, feats)
 
     def score_stats(self, stats: SampleStats) -> FIDResult:
         """FID of streamed statistics against the reference: ``score_features`` of the same features, to float
         precision."""
         moments = stats.moments
         value = float(cfid.frechet_distance(moments.mean, moments.covariance(), self.ref_mu, self.ref_sigma))
-        return FIDResult(value, self.resize_label, self.extractor_label, moments.n, self.reference,
-                         self.floor, self.floor_n, stats.classes.scores() if stats.classes else {})
+        return self._result(value, moments.n, stats.features, stats.classes.scores() if stats.classes else {})
 
     def _against_reference(self, feats: np.ndarray) -> FIDResult:
         value = float(cfid.frechet_distance(*self.statistics(feats), self.ref_mu, self.ref_sigma))
-        return FIDResult(value, self.resize_label, self.extractor_label, len(feats), self.reference,
-                         self.floor, self.floor_n, self.class_scores(feats))
+        return self._result(value, len(feats), feats, self.class_scores(feats))
+
+    def _result(self, value: float, n: int, feats: Optional[np.ndarray], scores: Dict[str, float],
+                real: Optional[np.ndarray] = None, reference: Optional[str] = None) -> FIDResult:
+        """The FIDResult of n generated features ``feats``: against the reference with its floors, or (given
+        ``reference``, a name) against the ``real`` features without floors. KID and precision/recall are None
+        where either feature set is missing."""
+        real = self.ref_feats if reference is None else real
+        beside = set_metrics.set_metrics(real, feats) if real is not None and feats is not None else {}
+        floors = {} if reference is not None else self.floors()
+        floor = (self.floor, self.floor_n) if reference is None else (None, None)
+        return FIDResult(value, self.resize_label, self.extractor_label, n, reference or self.reference, *floor,
+                         scores, **beside, **floors)
 
     def compare(self, images: Images, reference_images: Images, reference_name: str = "images") -> Optional[FIDResult]:
         """FID between two image sets ([-1, 1]; tensors, Datasets or iterables of batches); nothing is cached."""
@@ -515,47 +562,63 @@ class FIDEvaluator:
         feats = self.features(images)
         ref = self.features(reference_images)
         value = float(cfid.frechet_distance(*self.statistics(feats), *self.statistics(ref)))
-        return FIDResult(value, self.resize_label, self.extractor_label, len(feats),
-                         f"{reference_name} ({len(ref)} images)", scores=self.class_scores(feats))
+        return self._result(value, len(feats), feats, self.class_scores(feats), ref,
+                            f"{reference_name} ({len(ref)} images)")
 
 
 def _bad_cache(path: str, why: str) -> None:
     log.warning("FID cache file %s is unusable (%s): recomputing it and writing it anew", path, why)
 
 
-def _cached_stats(path: str) -> Optional[Tuple[np.ndarray, np.ndarray]]:
-    """(mu, sigma) from a cache file; None when there is none or it is unusable (zero-byte, truncated, wrong
-    shapes, non-finite values: warned, naming the file, and then rewritten by the caller)."""
+def _cached_stats(path: str) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(mu, sigma, feats) from a cache file; None when there is none or it is unusable (zero-byte, truncated, wrong
+    shapes, non-finite values: warned, naming the file, and then rewritten by the caller). A file written before
+    the features were kept is rebuilt too (logged, not warned)."""
     if not os.path.exists(path):
         return None
     try:
         with np.load(path, allow_pickle=False) as f:
-            mu, sigma = f["mu"], f["sigma"]
+            mu, sigma, feats = f["mu"], f["sigma"], f["feats"] if "feats" in f.files else None
     except Exception as error:  # EOFError, zipfile.BadZipFile, KeyError, ValueError, OSError: all mean "rebuild"
         _bad_cache(path, first_line(error))
         return None
     if not all(np.issubdtype(a.dtype, np.floating) for a in (mu, sigma)) or mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         _bad_cache(path, f"mu {mu.shape} and sigma {sigma.shape} are not a finite mean and covariance")
         return None
-    return mu, sigma
+    if feats is None:
+        log.info("FID cache file %s holds no reference features (written by an older version): recomputing it", path)
+        return None
+    if not np.issubdtype(feats.dtype, np.floating) or feats.ndim != 2 or feats.shape[1] != len(mu) or not np.isfinite(feats).all():
+        _bad_cache(path, f"feats {feats.shape} are not finite features of dimension {len(mu)}")
+        return None
+    return mu, sigma, feats
 
 
 def _valid_floor(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
-def _cached_floor(path: str) -> Optional[float]:
-    """The noise floor in a cache file; None when there is none or it is unusable (not JSON, not a finite
-    positive number: warned, naming the file, and then recomputed)."""
+def _cached_floor(path: str, with_set_metrics: bool) -> Optional[Tuple[float, Dict[str, float]]]:
+    """(FID floor, set_metrics of the same images: {} unless ``with_set_metrics``) from a cache file; None when
+    there is none or it is unusable (not JSON, not a finite positive FID, set metrics asked for and missing or
+    not finite: warned, naming the file, and then recomputed)."""
     if not os.path.exists(path):
         return None
     try:
         with open(path) as f:
-            value = json.load(f)["floor"]
+            saved = json.load(f)
+        value = saved["floor"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         _bad_cache(path, first_line(error))
         return None
     if not _valid_floor(value):
         _bad_cache(path, f"floor {value!r} is not a finite positive number")
         return None
-    return float(value)
+    if with_set_metrics and not set_metrics.valid(saved):
+        if not any(k in saved for k in set_metrics.KEYS):
+            log.info("FID floor cache file %s holds no KID or precision/recall floors (written by an older "
+                     "version): recomputing it", path)
+        else:
+            _bad_cache(path, f"it holds no finite {', '.join(set_metrics.KEYS)} floors")
+        return None
+    return float(value), {k: float(saved[k]) for k in set_metrics.KEYS} if with_set_metrics else {}

@@ -4,7 +4,9 @@ Every row is n images scored against the same reference (the digits test split),
 same sample size: real training images (the noise floor), a bootstrap of them, and image sets that are
 wrong in known ways (a Gaussian fitted to the pixels, blurred digits, one digit class only, the mean
 image, uniform noise). A useful extractor puts every wrong set far above the floor. Each extractor gets
-its own columns (FID and FID / floor); the digits classifier adds its classifier score.
+its own columns (FID and FID / floor, KID with its std over subsets, improved precision and recall); the
+digits classifier adds its classifier score. The first row's values are the floors of every column: KID
+near 0, precision and recall near those of real images (not 1: a finite sample covers its manifold partly).
 """
 from __future__ import annotations
 
@@ -55,8 +57,8 @@ def image_sets(train: torch.Tensor, labels: torch.Tensor, n: int, seed: int = 0)
 
 
 def metric_table(n: int = 500, extractors: Sequence[str] = EXTRACTORS, seed: int = 0) -> List[Dict]:
-    """One dict per image set: FID (and FID / floor) per extractor against the digits test split; the
-    digits classifier's IS-like score and label entropy."""
+    """One dict per image set: FID (and FID / floor), KID (and its std) and precision/recall per extractor
+    against the digits test split; the digits classifier's IS-like score and label entropy."""
     train, test = digits(split="train"), digits(split="test")
     with torch.random.fork_rng(devices=[]):
         sets = image_sets(train.images, train.labels, n, seed)
@@ -70,6 +72,8 @@ def metric_table(n: int = 500, extractors: Sequence[str] = EXTRACTORS, seed: int
             result = ev.score(images)
             floor = result.value if floor is None else floor
             row[f"FID {name}"], row[f"FID/floor {name}"] = result.value, result.value / floor
+            row[f"KID {name}"], row[f"KID std {name}"] = result.kid, result.kid_std
+            row[f"precision {name}"], row[f"recall {name}"] = result.precision, result.recall
             if result.scores:
                 row["IS-like"], row["label entropy"] = result.scores["is_like"], result.scores["label_entropy"]
         rows[0]["reference"] = ev.reference

@@ -1,10 +1,10 @@
 """Running statistics of features that arrive batch by batch: what FID (mean, covariance) and the classifier
-score need, without holding the features. Memory is one batch plus a D x D matrix, whatever the sample count.
+score need, without holding the images. Memory is one batch of images, a D x D matrix and the n x D features.
 
 Batches are merged with the pairwise update of Chan, Golub and LeVeque (1979), in float64: the mean and the
 scatter (sum of outer products of deviations from the mean) of two parts give those of their union, so the
 result equals ``np.mean`` / ``np.cov`` of all features to float precision, and parts made on several ranks
-merge the same way.
+merge the same way. The features themselves are kept too (not the images): KID and precision/recall need them.
 """
 from __future__ import annotations
 
@@ -48,11 +48,14 @@ class Moments:
 @dataclass
 class SampleStats:
     """What one FID needs of its samples: feature moments and, for an extractor with a classifier head,
-    the class sums."""
+    the class sums; and the features themselves [n, D], in batch order, for KID and precision/recall (which
+    need the points, not their moments: n x D is small beside the images, 1000 x 128 for digits)."""
 
     moments: Moments
     classes: Optional[ClassSums] = None
+    features: Optional[np.ndarray] = None
 
     def merge(self, other: "SampleStats") -> "SampleStats":
         classes = None if self.classes is None else self.classes + other.classes  # one extractor: both or neither
-        return SampleStats(self.moments.merge(other.moments), classes)
+        features = None if self.features is None else np.concatenate([self.features, other.features])
+        return SampleStats(self.moments.merge(other.moments), classes, features)

@@ -194,26 +194,54 @@ def plot_fid_vs_cost(rows: List[Dict], path: Path, label: str, floor: Optional[t
     return save_figure(fid_vs_cost_figure(rows, label, floor), path)
 
 
-def plot_guidance(rows: List[Dict], path: Path, label: str, floor: Optional[tuple] = None) -> Path:
-    """FID and classifier accuracy against the guidance scale w, one line per sampler setting (the usual
-    FID-guidance trade-off curve); floor: (value, n) drawn dashed on the FID panel."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name in sorted({(r["sampler"], r["nfe"]) for r in rows}):
-        mine = sorted((r for r in rows if (r["sampler"], r["nfe"]) == name), key=lambda r: r["guidance_scale"])
+def _guided_lines(rows: List[Dict]) -> Dict[tuple, List[Dict]]:
+    """{(sampler, NFE): its rows in order of w}: one line per sampler setting of a guidance sweep."""
+    settings = sorted({(r["sampler"], r["nfe"]) for r in rows})
+    return {s: sorted((r for r in rows if (r["sampler"], r["nfe"]) == s), key=lambda r: r["guidance_scale"])
+            for s in settings}
+
+
+def _plot_key(ax, rows: List[Dict], key: str, **style) -> Optional[str]:
+    """Draw `key` against w where it is known; the line's colour, or None when nothing was drawn."""
+    points = [(r["guidance_scale"], r[key]) for r in rows if r.get(key) is not None]
+    return ax.plot(*zip(*points), **style)[0].get_color() if points else None
+
+
+def guidance_figure(rows: List[Dict], label: str, floor: Optional[tuple] = None,
+                    floors: Optional[Dict[str, float]] = None):
+    """The figure of `plot_guidance`: FID, classifier accuracy, and precision (solid) with recall (dashed), against
+    w; one colour per sampler setting. Guidance trades diversity for fidelity: precision rises and recall falls."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for (sampler, nfe), mine in _guided_lines(rows).items():
+        name = f"{sampler}, NFE {nfe}"
         for ax, key in zip(axes, ("fid", "accuracy")):
-            points = [(r["guidance_scale"], r[key]) for r in mine if r[key] is not None]
-            if points:
-                ax.plot(*zip(*points), marker="o", label=f"{name[0]}, NFE {name[1]}")
+            _plot_key(ax, mine, key, marker="o", label=name)
+        color = _plot_key(axes[2], mine, "precision", marker="o", label=f"precision, {name}")
+        _plot_key(axes[2], mine, "recall", marker="s", linestyle="--", color=color, label=f"recall, {name}")
     if floor and floor[0] is not None:
         axes[0].axhline(floor[0], color="gray", linestyle="--", linewidth=1, label=f"floor (real train images, n={floor[1]})")
-    for ax, ylabel in zip(axes, ("FID", "classifier accuracy on the asked labels")):
+    for key, style in (("precision", ":"), ("recall", "-.")):
+        if (floors or {}).get(key) is not None:
+            axes[2].axhline(floors[key], color="gray", linestyle=style, linewidth=1, label=f"{key} of real train images")
+    ylabels = ("FID", "classifier accuracy on the asked labels", "precision (fidelity), recall (diversity), k=3")
+    for ax, ylabel in zip(axes, ylabels):
         ax.set_xlabel("guidance scale w (0 unconditional, 1 conditional)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    axes[2].set_ylim(-0.03, 1.03)
     fig.suptitle(label, fontsize=9)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
+
+
+def plot_guidance(rows: List[Dict], path: Path, label: str, floor: Optional[tuple] = None,
+                  floors: Optional[Dict[str, float]] = None) -> Path:
+    """FID, classifier accuracy and precision/recall against the guidance scale w, one line per sampler setting
+    (the usual FID-guidance trade-off curve, and the fidelity/diversity trade behind it); floor: (value, n) drawn
+    dashed on the FID panel; floors: {precision, recall} of real training images, gray on the last panel."""
+    return save_figure(guidance_figure(rows, label, floor, floors), path)
 
 
 def plot_ema_fid(rows: List[Dict], path: Path, label: str, floor: Optional[tuple] = None,

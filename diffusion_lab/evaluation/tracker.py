@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 import torch
 
 from .features import digits_classifier
+from . import set_metrics
 from .fid import FIDEvaluator, FIDResult
 from .moments import SampleStats
 
@@ -72,6 +73,7 @@ class FIDTracker:
         self.best: Optional[float] = None
         self.label: Optional[str] = None
         self.last: Optional[FIDResult] = None
+        self.resumed_final: dict = {}  # final() of the checkpoint a resumed run started from
         self.evaluator: Optional[FIDEvaluator] = None
         if self.every > 0:
             with torch.random.fork_rng(devices=[]):  # the floor's subset and clean-fid's dummy z leave training alone
@@ -80,6 +82,8 @@ class FIDTracker:
                 ev = self.evaluator
                 floor = (f"floor {ev.floor:.4f} (FID of {ev.floor_n} real training images, {ev.extractor_label})"
                          if ev.floor is not None else "no floor (not a finite positive number)")
+                beside = set_metrics.describe(ev.floor_metrics, {})
+                floor += f"; {beside} of the same images" if beside else "; KID and precision/recall unavailable"
                 log.info(f"FID reference: {ev.reference}; {floor}")
 
     @property
@@ -93,7 +97,7 @@ class FIDTracker:
                  stop: Callable[[], bool] = lambda: False) -> Optional[FIDResult]:
         """FID of `num_samples` images from sample(x_T, seed) against the reference statistics, streamed: each
         batch is generated, embedded and added to running statistics before the next is made, so memory is one
-        batch (plus a D x D matrix), whatever num_samples.
+        batch of images (plus a D x D matrix and the num_samples x D features that KID and precision/recall use).
 
         stop() is asked before every batch; once it is true the evaluation ends and returns None (on every rank).
         ranks: a `training.distributed.Ranks` (rank, world_size, all_gather); None is a single process.
@@ -146,18 +150,30 @@ class FIDTracker:
         ev = self.evaluator
         return {f"floor (real train images, n={ev.floor_n})": ev.floor} if self.enabled and ev.floor is not None else {}
 
+    def final(self) -> dict:
+        """The last evaluation's scores beside FID: final_kid, final_kid_std, final_precision, final_recall and the
+        classifier scores (final_is_like, ...); those of the checkpoint resumed from, or {}, before the first."""
+        if self.last is None:
+            return dict(self.resumed_final)
+        beside = {k: getattr(self.last, k) for k in set_metrics.KEYS}
+        return {f"final_{k}": v for k, v in {**beside, **self.last.scores}.items()}
+
     def state_dict(self) -> dict:
-        return {"history": list(self.history), "sizes": list(self.sizes), "best": self.best, "label": self.label}
+        return {"history": list(self.history), "sizes": list(self.sizes), "best": self.best, "label": self.label,
+                "final": self.final()}
 
     def load_state_dict(self, state: dict) -> None:
         self.history, self.best, self.label = list(state["history"]), state["best"], state["label"]
         self.sizes = list(state.get("sizes") or [None] * len(self.history))
+        self.resumed_final = dict(state.get("final") or {})
 
     def summary(self) -> dict:
-        """best_fid, final_fid, the floor beside them, the label and the history (summary.json, W&B summary)."""
+        """best_fid, final_fid, the floor beside them, the label and the history, the last KID and precision/recall
+        with their floors (summary.json, W&B summary)."""
         ev = self.evaluator if self.enabled else None
+        floors = ev.floors() if ev else dict.fromkeys(f"{k}_floor" for k in set_metrics.FLOOR_KEYS)
         return {"fid_history": self.history, "fid_history_n": self.sizes, "best_fid": self.best,
                 "final_fid": self.history[-1][1] if self.history else None,
                 "fid_floor": ev.floor if ev else None, "fid_floor_n": ev.floor_n if ev else None,
-                "fid_reference": ev.reference if ev else None, "fid_label": self.label,
-                **({f"final_{k}": v for k, v in self.last.scores.items()} if self.last else {})}
+                "fid_reference": ev.reference if ev else None, "fid_label": self.label, **floors,
+                **self.final()}

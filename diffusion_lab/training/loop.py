@@ -236,7 +236,7 @@ class Loop:
                      f"{self.kept[0]} holds step {step}")
             return
         log.info(f"step {step}: {result}")
-        self.out.log({"fid": result.value, "fid_floor": result.floor, **result.scores}, step)
+        self.out.log(result.metrics(), step)  # fid, kid, kid_std, precision, recall, their floors, classifier scores
         if fid.record(step, result):
             self.save("best.pt")
         self.kept = self.save("last.pt")  # again, now holding this step's FID

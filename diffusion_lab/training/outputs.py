@@ -16,8 +16,9 @@ from . import checkpoint, posthoc_ema, progress, run_lock
 from . import run_dir as run_dirs
 from .loggers import LOGGERS
 
-SUMMARY_KEYS = ("final_loss", "best_fid", "final_fid", "fid_floor", "fid_floor_n", "fid_label", "train_images_per_s",
-                "wall_time_s")  # what the logger's run summary gets
+SUMMARY_KEYS = ("final_loss", "best_fid", "final_fid", "fid_floor", "fid_floor_n", "fid_label", "final_kid",
+                "final_kid_std", "final_precision", "final_recall", "kid_floor", "precision_floor", "recall_floor",
+                "train_images_per_s", "wall_time_s")  # what the logger's run summary gets
 
 
 class Outputs:
