@@ -20,7 +20,7 @@ sampler runs the most steps whose model evaluations (NFE, counted on the model) 
 Peers, kept out of the project's environment:
   k-diffusion: only its ``sampling.py`` is loaded, with importlib.util.spec_from_file_location from the installed
     package dir, so its heavy package __init__ (accelerate, clip, wandb, ...) is not run; sampling.py itself needs
-    torch, scipy, torchsde and torchdiffeq (``pip install --no-deps k-diffusion torchsde torchdiffeq scipy``).
+    torch, scipy, torchsde and torchdiffeq (``pip install --no-deps k-diffusion torchsde torchdiffeq trampoline scipy``).
   flow_matching: pip install flow-matching into a separate venv or --target dir (``pip install --no-deps --target
     /work/peers flow-matching``) and put that dir on PYTHONPATH: its wheel ships a top-level ``tests`` package
     that shadows ours, so never install it into the project's environment.
@@ -68,7 +68,7 @@ def load_kdiffusion_sampling():
     alone."""
     spec = importlib.util.find_spec("k_diffusion")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("k-diffusion is not installed: pip install --no-deps k-diffusion torchsde torchdiffeq")
+        raise ImportError("k-diffusion is not installed: pip install --no-deps k-diffusion torchsde torchdiffeq trampoline")
     folder = Path(list(spec.submodule_search_locations)[0])
     package = sys.modules.setdefault(KD_PACKAGE, types.ModuleType(KD_PACKAGE))
     package.__path__ = [str(folder)]
