@@ -87,8 +87,9 @@ def sample(cfg: DictConfig, run_dir: Path) -> dict:
         if evaluator.enabled:
             result = evaluator.score(images)
             console.info(str(result))
+            beside = {k: v for k, v in result.metrics().items() if k not in ("fid", "fid_floor")}  # KID, P/R, ...
             summary["fid"] = {"value": result.value, "label": result.label(), "floor": result.floor,
-                              "floor_n": result.floor_n, **result.scores}
+                              "floor_n": result.floor_n, **beside}
     values = {f"fid_{k}" if k != "value" else "fid": v for k, v in summary.get("fid", {}).items()}
     summary["wandb"] = log_linked_run(OmegaConf.to_container(trained.config), trained.source, "sample", run_dir,
                                       OmegaConf.to_container(cfg), {"num_samples": num_samples, **values},

@@ -50,6 +50,8 @@ def test_sample_with_fid(checkpoints, tmp_path):
     summary = sample(sample_config(checkpoints["eps"], "fid=true", "eval.feature_extractor=small"), tmp_path)
     assert summary["fid"]["value"] > 0 and "small random net" in summary["fid"]["label"]
     assert 0 < summary["fid"]["floor"] < summary["fid"]["value"] and summary["fid"]["floor_n"] == 10
+    assert 0 <= summary["fid"]["precision"] <= 1 and 0 <= summary["fid"]["recall_floor"] <= 1  # beside the FID
+    assert summary["fid"]["kid_std"] >= 0 and summary["fid"]["kid"] is not None
 
 
 def test_evaluate_fid_against_cost(checkpoints, tmp_path):
