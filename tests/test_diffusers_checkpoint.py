@@ -22,10 +22,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (c
 CPU = torch.device("cpu")
 
 
-def tiny_unet(num_class_embeds=None):
-    """A random 1x8x8 UNet2DModel (digits-shaped, 8 and 16 channels, attention at 4x4)."""
+def tiny_unet(num_class_embeds=None, channels=1):
+    """A random channels x 8 x 8 UNet2DModel (digits-shaped by default, 8 and 16 channels, attention at 4x4)."""
     torch.manual_seed(0)
-    return diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+    return diffusers.UNet2DModel(sample_size=8, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
                                  layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                                  up_block_types=("AttnUpBlock2D", "UpBlock2D"), num_class_embeds=num_class_embeds).eval()
 
@@ -76,6 +76,14 @@ def test_sample_and_evaluate_a_diffusers_folder(pipeline_dir, tmp_path):
     rows = evaluate(cfg, tmp_path / "evaluate")
     assert [(r["sampler"], r["nfe"]) for r in rows] == [("ddim", 4), ("dpm_solver", 3)] and all(r["fid"] > 0 for r in rows)
     assert "digits classifier" in json.loads((tmp_path / "evaluate" / "fid_vs_cost.json").read_text())["label"]
+
+
+def test_data_of_other_channels_than_the_unet_is_refused(tmp_path):
+    folder = save_pipeline(tmp_path / "rgb", tiny_unet(channels=3))
+    cfg = compose_config([f"checkpoint=diffusers:{folder}", "num_samples=4", "sampler=ddim", "sampler.steps=2",
+                          "data=digits", "fid=true"], config_name="sample")
+    with pytest.raises(ValueError, match="data=digits has 1 channel.*the diffusers UNet makes 3"):
+        sample(cfg, tmp_path / "out")
 
 
 def test_a_conditional_unet_is_guided(tmp_path):

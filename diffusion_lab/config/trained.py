@@ -72,7 +72,8 @@ def load_diffusers(folder: str, device: torch.device, data: Optional[DictConfig]
         raise ValueError(f"data={data.name} has data.image_size={data.image_size}, the diffusers UNet makes "
                          f"{loaded.image_shape[1]}x{loaded.image_shape[2]} images: set data.image_size")
     cfg = OmegaConf.create({"checkpoint": diffusers_unet.PREFIX + folder, "logger": {"name": "none"},
-                            "model": {"name": "diffusers", "num_classes": loaded.network.num_classes},
+                            "model": {"name": "diffusers", "num_classes": loaded.network.num_classes,
+                                      "channels": loaded.image_shape[0]},
                             "schedule": {"name": "diffusers", "noise_steps": loaded.schedule.num_timesteps},
                             "objective": {"name": loaded.objective.name}})
     if data is not None:
@@ -158,8 +159,19 @@ def make_fid_evaluator(eval_cfg: DictConfig, train_cfg: DictConfig, device: torc
     if OmegaConf.select(train_cfg, "data") is None:
         raise ValueError(f"FID needs reference data: add data=digits, data=cifar10 or data=folder "
                          f"(checkpoint={OmegaConf.select(train_cfg, 'checkpoint')} names none)")
-    return build_evaluator(eval_cfg, functools.partial(build_dataset, train_cfg), device, num_samples,
+    return build_evaluator(eval_cfg, functools.partial(reference_data, train_cfg), device, num_samples,
                            progress=console.terminal())  # clean-fid's bar: no carriage returns in a redirected file
+
+
+def reference_data(train_cfg: DictConfig, split: str):
+    """Split `split` of the checkpoint's data; for a diffusers UNet, named by data=, refused with one line when its
+    channels are not the UNet's (a run's data is its own)."""
+    dataset = build_dataset(train_cfg, split)
+    channels = OmegaConf.select(train_cfg, "model.channels") if train_cfg.model.name == "diffusers" else None
+    if channels is not None and dataset.channels != channels:
+        raise ValueError(f"data={dataset.name} has {dataset.channels} channel(s), the diffusers UNet makes {channels}: "
+                         f"name the data it was trained on")
+    return dataset
 
 
 def sampler_settings(entry: DictConfig) -> Dict:
