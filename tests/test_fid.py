@@ -509,3 +509,20 @@ def test_tracker_summary_carries_kid_and_precision_recall_through_a_resume():
     resumed, _ = tracker_and_sampler("digits")
     resumed.load_state_dict(tracker.state_dict())  # a run resumed from this checkpoint, before its next FID
     assert resumed.summary() == summary
+
+
+def test_the_reference_radii_of_precision_recall_are_computed_once_per_reference(digits, tmp_path, monkeypatch):
+    """A large reference (CIFAR-10's 50k) makes its own k-NN radii the costly part: computed once, reused, and
+    recomputed for a new reference; the scores are those computed from scratch."""
+    calls, knn_radii = [], fid.knn_radii
+    monkeypatch.setattr(fid, "knn_radii", lambda feats, *a, **k: calls.append(len(feats)) or knn_radii(feats, *a, **k))
+    ev = small_evaluator(tmp_path, num_samples=100)
+    ev.set_reference("digits", digits[600:800], split="test")
+    images = noise(100)
+    results = [ev.score(images), ev.score(noise(100, seed=2))]
+    assert calls == [200]
+    scratch = fid.set_metrics.set_metrics(ev.ref_feats, ev.features(images))
+    assert (results[0].precision, results[0].recall) == (scratch["precision"], scratch["recall"])
+    ev.set_reference("digits", digits[800:900], split="train")
+    ev.score(images)
+    assert calls == [200, 100]

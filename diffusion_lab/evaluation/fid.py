@@ -52,6 +52,7 @@ from cleanfid.inception_pytorch import FID_WEIGHTS_URL as INCEPTION_PYTORCH_URL
 
 from ..files import first_line, write_atomic, write_json
 from . import set_metrics
+from .precision_recall import knn_radii
 from .features import ClassSums, SmallFeatureExtractor, cache_root, classifier_score, digits_classifier
 from .moments import Moments, SampleStats
 
@@ -298,6 +299,8 @@ class FIDEvaluator:
         self.floor: Optional[float] = None
         self.floor_n: Optional[int] = None
         self.floor_metrics: Dict[str, float] = {}  # set_metrics of the floor's real images: KID, P/R floors
+        self._radii: Optional[np.ndarray] = None  # reference_radii(), and the features they are of
+        self._radii_of: Optional[np.ndarray] = None
 
     def _build_extractor(self, choice: Union[str, nn.Module], fallback: str) -> Optional[Callable]:
         if isinstance(choice, nn.Module):
@@ -329,6 +332,15 @@ class FIDEvaluator:
     @property
     def enabled(self) -> bool:
         return self.extractor is not None
+
+    def reference_radii(self) -> Optional[np.ndarray]:
+        """The reference features' k-NN radii of precision/recall, computed once per reference (the costly part
+        for a large one: 50k x 50k distances for CIFAR-10's training set)."""
+        if self.ref_feats is None:
+            return None
+        if self._radii_of is not self.ref_feats:
+            self._radii, self._radii_of = knn_radii(self.ref_feats), self.ref_feats
+        return self._radii
 
     def floors(self) -> Dict[str, Optional[float]]:
         """{kid_floor, precision_floor, recall_floor}: the scores beside FID of the floor's real images (None
@@ -459,7 +471,8 @@ class FIDEvaluator:
             feats = self._features(subset, n, "FID floor: ")
             self.floor = float(cfid.frechet_distance(*self.statistics(feats), self.ref_mu, self.ref_sigma))
             if _valid_floor(self.floor):
-                self.floor_metrics = set_metrics.set_metrics(self.ref_feats, feats) if self.ref_feats is not None else {}
+                self.floor_metrics = ({} if self.ref_feats is None else
+                                      set_metrics.set_metrics(self.ref_feats, feats, self.reference_radii()))
                 write_json(path, {"floor": self.floor, "n": n, "key": key, **self.floor_metrics})
             else:  # degenerate features: a floor that means nothing is neither cached nor shown
                 log.warning("FID floor of %d training images is %r, not a finite positive number: not used", n, self.floor)
@@ -549,7 +562,8 @@ class FIDEvaluator:
         ``reference``, a name) against the ``real`` features without floors. KID and precision/recall are None
         where either feature set is missing."""
         real = self.ref_feats if reference is None else real
-        beside = set_metrics.set_metrics(real, feats) if real is not None and feats is not None else {}
+        radii = self.reference_radii() if reference is None else None
+        beside = set_metrics.set_metrics(real, feats, radii) if real is not None and feats is not None else {}
         floors = {} if reference is not None else self.floors()
         floor = (self.floor, self.floor_n) if reference is None else (None, None)
         return FIDResult(value, self.resize_label, self.extractor_label, n, reference or self.reference, *floor,

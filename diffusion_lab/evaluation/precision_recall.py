@@ -13,7 +13,7 @@ the set sizes (10k x 10k included).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 
@@ -58,8 +58,11 @@ def coverage(query: np.ndarray, centres: np.ndarray, radii: np.ndarray, max_entr
     return float(inside.mean())
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = K, max_entries: int = MAX_ENTRIES) -> PrecisionRecall:
-    """Improved precision and recall of generated features ``fake`` [N, D] against real features ``real`` [M, D]."""
-    precision = coverage(fake, real, knn_radii(real, k, max_entries), max_entries)
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = K, max_entries: int = MAX_ENTRIES,
+                     real_radii: Optional[np.ndarray] = None) -> PrecisionRecall:
+    """Improved precision and recall of generated features ``fake`` [N, D] against real features ``real`` [M, D];
+    ``real_radii``: ``knn_radii(real, k)`` computed once for a fixed reference (the costly part for a large one)."""
+    real_radii = knn_radii(real, k, max_entries) if real_radii is None else real_radii
+    precision = coverage(fake, real, real_radii, max_entries)
     recall = coverage(real, fake, knn_radii(fake, k, max_entries), max_entries)
     return PrecisionRecall(precision, recall, k)

@@ -19,10 +19,11 @@ FLOOR_KEYS = ("kid", "precision", "recall")  # those that get a noise floor: ``<
 KID_SEED = 0
 
 
-def set_metrics(real: np.ndarray, fake: np.ndarray) -> Dict[str, float]:
-    """{kid, kid_std, precision, recall} of generated features ``fake`` against real features ``real``."""
+def set_metrics(real: np.ndarray, fake: np.ndarray, real_radii: Optional[np.ndarray] = None) -> Dict[str, float]:
+    """{kid, kid_std, precision, recall} of generated features ``fake`` against real features ``real`` (with
+    their k-NN radii, when already computed)."""
     distance = kid(real, fake, seed=KID_SEED)
-    pr = precision_recall(real, fake)
+    pr = precision_recall(real, fake, real_radii=real_radii)
     return {"kid": distance.mean, "kid_std": distance.std, "precision": pr.precision, "recall": pr.recall}
 
 
