@@ -35,7 +35,7 @@ def export(cfg: DictConfig, run_dir: Path) -> dict:
     """Write the DDPMPipeline folder `out` (all of it or nothing); return a summary."""
     out = checked_out(str(cfg.out))
     trained = load_trained(cfg.checkpoint, torch.device("cpu"))
-    why = refusal(trained.config, trained.model)
+    why = refusal(trained.config, trained.model, trained.schedule)
     if why:
         raise ValueError(f"cannot export {cfg.checkpoint} as a DDPMPipeline: {why}")
     pipeline = ddpm_pipeline(trained.model, trained.schedule, trained.objective)

@@ -96,6 +96,18 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     fsync_dir(path.parent)
 
 
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder` (written by a library that does not)."""
+    for root, _, names in os.walk(folder):
+        for name in names:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(root))
+
+
 def write_dir(path: Path, fill: Callable[[Path], None]) -> None:
     """Call fill(folder) on a new temp folder beside `path` and rename it to `path` (which must not exist or be an
     empty folder): readers never see a half-written folder; WriteError (one line) if that fails, the temp removed."""
@@ -111,6 +123,7 @@ def write_dir(path: Path, fill: Callable[[Path], None]) -> None:
     try:
         os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; run files are shared
         fill(tmp)
+        fsync_tree(tmp)  # the files' data on disk before the rename makes them visible
         if path.is_dir():
             path.rmdir()  # an empty folder: replaced by the filled one
         os.rename(tmp, path)

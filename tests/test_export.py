@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from diffusion_lab.config.build import build_model
+from diffusion_lab.config.build import build_model, build_schedule
 from diffusion_lab.config.trained import generate, load_trained
 from diffusion_lab.diffusion.samplers import build_sampler
 from diffusion_lab.export import export
@@ -141,7 +141,7 @@ REFUSED = [
 @pytest.mark.parametrize("overrides,why", REFUSED)
 def test_what_has_no_exact_counterpart_is_refused_with_one_line(overrides, why):
     cfg = compose_config(overrides)
-    reason = refusal(cfg, build_model(cfg, 8, 1))
+    reason = refusal(cfg, build_model(cfg, 8, 1), build_schedule(cfg))
     assert reason == why if why is None else (why in reason and "\n" not in reason), reason
 
 
@@ -173,3 +173,23 @@ def test_a_failed_export_leaves_nothing_behind(tmp_path):
     (tmp_path / "empty").mkdir()
     files.write_dir(tmp_path / "empty", lambda folder: (folder / "a.json").write_text("{}"))
     assert [p.name for p in (tmp_path / "empty").iterdir()] == ["a.json"] and len(list(tmp_path.iterdir())) == 1
+
+
+def test_a_written_folder_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """files.write_dir fsyncs every file the fill wrote (diffusers' save_pretrained does not) before the rename."""
+    import os
+
+    from diffusion_lab import files
+
+    synced, renamed, real_fsync, real_rename = [], [], os.fsync, os.rename
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    monkeypatch.setattr(os, "rename", lambda a, b: renamed.append(len(synced)) or real_rename(a, b))
+
+    def fill(folder):
+        (folder / "unet").mkdir()
+        (folder / "unet" / "weights.safetensors").write_bytes(b"x")
+        (folder / "model_index.json").write_text("{}")
+
+    files.write_dir(tmp_path / "pipe", fill)
+    before_rename = {os.path.basename(p) for p in synced[:renamed[0]]}
+    assert {"weights.safetensors", "model_index.json", "unet"} <= before_rename

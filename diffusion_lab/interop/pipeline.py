@@ -11,8 +11,8 @@ from .scheduler_map import PREDICTION_TYPES, scheduler_config
 from .unet_map import head_dim, to_unet2d_state, unet2d_config
 
 
-def refusal(cfg: DictConfig, model) -> Optional[str]:
-    """Why the run of config `cfg` (its built `model`) cannot be a DDPMPipeline, or None."""
+def refusal(cfg: DictConfig, model, schedule) -> Optional[str]:
+    """Why the run of config `cfg` (its built `model` and `schedule`) cannot be a DDPMPipeline, or None."""
     name, objective = cfg.model.name, cfg.objective.name
     if OmegaConf.select(cfg, "latent") is not None:
         return f"latent={cfg.latent}: a latent run needs its decoder, which a DDPMPipeline does not have"
@@ -22,9 +22,9 @@ def refusal(cfg: DictConfig, model) -> Optional[str]:
     if OmegaConf.select(cfg, "model.resample", default="reference") != "ddpm":
         return ("model.resample=reference: its 4x4 stride-2 conv / transposed conv have no UNet2DModel equivalent; "
                 "only resample=ddpm (3x3 conv down, nearest + 3x3 conv up) maps")
-    if cfg.schedule.name not in ("linear", "cosine"):
+    if not schedule.discrete:
         return (f"schedule={cfg.schedule.name} is a continuous-time process; DDPMPipeline needs a discrete schedule "
-                f"(linear, cosine) and integer timesteps")
+                f"and integer timesteps")
     if objective not in PREDICTION_TYPES:
         return (f"objective={objective} has no DDPMScheduler prediction_type; exported: "
                 f"{', '.join(f'{ours} ({theirs})' for ours, theirs in PREDICTION_TYPES.items())}")
